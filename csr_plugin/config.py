@@ -1,0 +1,259 @@
+"""Recipes: YAML files mapped onto typed, validated config dataclasses.
+
+A recipe is read with ``yaml.safe_load``, overridden by ``key.sub=value`` pairs
+from the command line, then built into :class:`Recipe`. Unknown keys, wrong
+types and out-of-range values raise :class:`ConfigError` naming the key path,
+the value received and the fix, before any model is loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe key is unknown, mistyped or out of range."""
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    path: str = _help("HF VLM folder or hub id (AutoModelForImageTextToText + AutoProcessor).", default="")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
+        "Weights dtype; auto = bfloat16 on GPU, float32 on CPU.", default="auto")
+    device: str = _help("torch device for the transformers engine; auto = cuda if available.", default="auto")
+    trust_remote_code: bool = _help("Allow model code from the checkpoint. Off unless you trust it.", default=False)
+
+    def validate(self, where: str) -> None:
+        if not self.path:
+            raise ConfigError(f"`{where}.path` is required: a local HF model folder or a hub id.")
+
+
+@dataclass
+class ClipConfig:
+    model: str = _help("open_clip model name, e.g. ViT-L-14-336.", default="ViT-L-14-336")
+    pretrained: Optional[str] = _help("open_clip pretrained tag (openai) or a local weights file.", default="openai")
+    config: Optional[str] = _help("Local open_clip model-config JSON; registers `model` from this file.", default=None)
+    device: str = _help("torch device for CLIP; auto = cuda if available.", default="auto")
+    cache_images: int = _help("How many image embeddings to keep cached (one per image is enough).", default=1024)
+
+    def validate(self, where: str) -> None:
+        if self.cache_images < 1:
+            raise ConfigError(f"`{where}.cache_images` must be >= 1, got {self.cache_images}.")
+
+
+@dataclass
+class DataConfig:
+    prompts: str = _help("Prompts JSONL with {id, image, question}; relative images resolve against its folder.",
+                         default="prompts.jsonl")
+    limit: Optional[int] = _help("Use only the first N prompts (null = all).", default=None)
+
+    def validate(self, where: str) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"`{where}.limit` must be >= 1 or null, got {self.limit}.")
+
+
+@dataclass
+class RewardConfig:
+    lambda_: float = _help("Weight of CLIP image relevance in the calibrated reward (paper: 0.9).", default=0.9)
+    fusion: Literal["paper", "rank"] = _help(
+        "paper: lambda*R_I + (1-lambda)*R_T on raw scores; rank: the official code's sibling-rank fusion.",
+        default="paper")
+    instruction_score: Literal["mean", "sum"] = _help(
+        "R_T from the sentence's token log-probs: mean (length-normalised, like the official code) or sum.",
+        default="mean")
+
+    def validate(self, where: str) -> None:
+        if not 0.0 <= self.lambda_ <= 1.0:
+            raise ConfigError(f"`{where}.lambda` must be in [0, 1], got {self.lambda_}.")
+
+
+@dataclass
+class SearchConfig:
+    beam_width: int = _help("Beams carried from one sentence to the next; must equal keep_top + keep_bottom.",
+                            default=3)
+    candidates: int = _help("Candidate next sentences generated from each beam (K).", default=5)
+    keep_top: int = _help("Beams kept with the highest cumulative score.", default=1)
+    keep_bottom: int = _help("Beams kept with the lowest cumulative score (they yield the rejected responses).",
+                             default=2)
+    max_sentences: int = _help("Sentences per response before the search stops it.", default=8)
+    max_new_tokens: int = _help("Tokens per sentence before it is cut.", default=70)
+    calibration: Literal["online", "posthoc"] = _help(
+        "online: the calibrated reward guides pruning (paper); posthoc: the LM score prunes, CLIP only picks the "
+        "pair (official code).", default="online")
+    decoding: Literal["sample", "group_beam"] = _help(
+        "sample: temperature/top-p sampling; group_beam: diverse group beam search, one beam per group "
+        "(official code).", default="sample")
+    temperature: float = _help("Sampling temperature (decoding: sample).", default=1.0)
+    top_p: float = _help("Nucleus sampling mass (decoding: sample).", default=1.0)
+    diversity_penalty: float = _help("Group beam search diversity penalty (official: 3.0).", default=3.0)
+    delimiters: list = _help("Characters that end a sentence; matched inside merged tokens too.",
+                             default_factory=lambda: [".", "!", "?"])
+    min_sentence_chars: int = _help("Drop candidate sentences with fewer letters/digits than this (0 = off).",
+                                    default=0)
+    drop_repeated: bool = _help("Drop a candidate that repeats a sentence already in its response.",
+                                default=False)
+    batch_prompts: int = _help("Prompts searched together; all their beams share one engine call per step.",
+                               default=8)
+    engine: Literal["transformers", "vllm"] = _help("Generation engine.", default="transformers")
+    seed: int = _help("Random seed for sampling.", default=0)
+
+    def validate(self, where: str) -> None:
+        for name in ("beam_width", "candidates", "max_sentences", "max_new_tokens", "batch_prompts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"`{where}.{name}` must be >= 1, got {getattr(self, name)}.")
+        for name in ("keep_top", "keep_bottom", "min_sentence_chars"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"`{where}.{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.keep_top + self.keep_bottom != self.beam_width:
+            raise ConfigError(
+                f"`{where}.beam_width` ({self.beam_width}) must equal keep_top + keep_bottom "
+                f"({self.keep_top} + {self.keep_bottom}); set beam_width: {self.keep_top + self.keep_bottom}.")
+        if self.temperature <= 0:
+            raise ConfigError(f"`{where}.temperature` must be > 0, got {self.temperature}; "
+                              "use decoding: group_beam for deterministic candidates.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"`{where}.top_p` must be in (0, 1], got {self.top_p}.")
+        if self.diversity_penalty < 0:
+            raise ConfigError(f"`{where}.diversity_penalty` must be >= 0, got {self.diversity_penalty}.")
+        if not self.delimiters or not all(isinstance(d, str) and d for d in self.delimiters):
+            raise ConfigError(f"`{where}.delimiters` must be a non-empty list of non-empty strings, "
+                              f"got {self.delimiters!r}.")
+
+
+@dataclass
+class CurationConfig:
+    min_margin: float = _help("Drop pairs whose chosen-minus-rejected reward is below this.", default=0.0)
+    length_normalize: bool = _help("Score a response by the mean sentence reward (true) or the sum (false).",
+                                   default=True)
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output_dir: str = _help("Where trees, pairs, checkpoints and metrics go.", default="runs/csr")
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    curation: CurationConfig = field(default_factory=CurationConfig)
+
+
+# YAML keys that are Python keywords are stored with a trailing underscore.
+_KEY_TO_FIELD = {"lambda": "lambda_"}
+_FIELD_TO_KEY = {v: k for k, v in _KEY_TO_FIELD.items()}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"`{where}` must be one of {', '.join(map(str, allowed))}; got {value!r}.")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"`{where}` must be a mapping of keys, got {value!r}.")
+        return _build(annotation, value, where)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"`{where}` must be true or false, got {value!r}.")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"`{where}` must be an integer, got {value!r}.")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"`{where}` must be a number, got {value!r}.")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"`{where}` must be a string, got {value!r}.")
+        return value
+    if annotation is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"`{where}` must be a list, got {value!r}.")
+        return value
+    raise TypeError(f"unsupported config annotation {annotation!r} at {where}")
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = _KEY_TO_FIELD.get(key, key)
+        path = f"{where}.{key}" if where else str(key)
+        if name not in fields:
+            known = ", ".join(_FIELD_TO_KEY.get(n, n) for n in fields)
+            raise ConfigError(f"unknown key `{path}`; known keys here: {known}.")
+        kwargs[name] = _coerce(value, hints[name], path)
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(where)
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``search.beam_width=4`` -> (["search", "beam_width"], 4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value.")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r} has an empty key part.")
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: `{part}` is not a section.")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    """Relative paths in a recipe resolve against the working directory, as on any command line."""
+    return _build(Recipe, data or {}, "")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} not found; pass --config with a YAML file from recipes/.")
+    with path.open() as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping at the top level.")
+    return recipe_from_dict(apply_overrides(data, overrides or []))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The recipe as YAML-ready data, with YAML key names (``lambda``)."""
+    def convert(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj):
+            return {_FIELD_TO_KEY.get(f.name, f.name): convert(getattr(obj, f.name))
+                    for f in dataclasses.fields(obj)}
+        return obj
+    return convert(recipe)

@@ -1,0 +1,90 @@
+"""Image relevance R_I(s) = max(100 * cos(F_I(x_v), F_T(s)), 0) with open_clip.
+
+The image embedding is the same for every sentence about an image, so it is
+computed once and cached; sentences are scored in batches. CLIP's text encoder
+has a fixed context (77 tokens for OpenAI CLIP): longer sentences are truncated
+by the open_clip tokenizer, keeping their start and the end-of-text token, which
+is the part CLIP was trained to read.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Hashable, Sequence
+
+import torch
+from PIL import Image
+
+from csr_plugin.config import ClipConfig
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _import_open_clip():
+    try:
+        import open_clip
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("CLIP relevance needs open_clip: pip install open_clip_torch") from exc
+    return open_clip
+
+
+class ClipRelevance:
+    """Scores sentences against images; one instance per process (the model loads once)."""
+
+    def __init__(self, cfg: ClipConfig):
+        open_clip = _import_open_clip()
+        model_name = cfg.model
+        if cfg.config:
+            config_path = Path(cfg.config)
+            if not config_path.is_file():
+                raise FileNotFoundError(f"clip.config {cfg.config!r} is not a file; give an open_clip "
+                                        "model-config JSON or set clip.config: null.")
+            open_clip.add_model_config(config_path)
+            model_name = config_path.stem
+        pretrained = cfg.pretrained
+        if pretrained and any(sep in pretrained for sep in ("/", "\\")) and not Path(pretrained).is_file():
+            raise FileNotFoundError(f"clip.pretrained {pretrained!r} looks like a path but is not a file.")
+        self.device = resolve_device(cfg.device)
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained or None, device=self.device)
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self._cache: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._cache_size = cfg.cache_images
+
+    @torch.no_grad()
+    def image_embedding(self, key: Hashable, image: Image.Image) -> torch.Tensor:
+        """Unit-norm embedding of ``image``, computed once per ``key`` (e.g. its path)."""
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        pixels = self.preprocess(image.convert("RGB")).unsqueeze(0).to(self.device)
+        embedding = self.model.encode_image(pixels, normalize=True)[0].float()
+        self._cache[key] = embedding
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return embedding
+
+    @torch.no_grad()
+    def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenizer(list(texts)).to(self.device)  # truncates to the model's context
+        return self.model.encode_text(tokens, normalize=True).float()
+
+    def relevance(self, image_embeddings: torch.Tensor, texts: Sequence[str]) -> list[float]:
+        """R_I for each (image embedding row, text) pair, in one text batch."""
+        if len(texts) == 0:
+            return []
+        text = self.text_embeddings(texts)
+        cosine = (image_embeddings.to(text.device) * text).sum(-1)
+        return (100.0 * cosine).clamp_min(0.0).tolist()
+
+    def score(self, items: Sequence[tuple[Hashable, Image.Image, str]]) -> list[float]:
+        """R_I for (image key, image, sentence) triples; images embedded once each."""
+        if not items:
+            return []
+        images = torch.stack([self.image_embedding(key, image) for key, image, _ in items])
+        return self.relevance(images, [text for _, _, text in items])

@@ -1,0 +1,44 @@
+"""What the sentence-level search needs from a generation engine.
+
+An engine continues many (prompt, response-prefix) pairs at once, K candidate
+next sentences each, stopping at end of sentence, EOS or ``max_new_tokens``.
+The transformers engine and the vLLM engine implement the same contract, so the
+search never knows which one runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, Sequence
+
+FinishReason = Literal["sentence", "eos", "length"]
+
+
+@dataclass
+class EncodedPrompt:
+    """A prompt ready for an engine: its token ids and the engine's image inputs."""
+    token_ids: list[int]
+    image_inputs: Any  # transformers: processor tensors; vLLM: multi_modal_data
+
+
+@dataclass
+class Expansion:
+    """Continue ``prompt`` + ``prefix_ids`` (the response so far) with ``n`` candidates."""
+    prompt: EncodedPrompt
+    prefix_ids: list[int]
+    n: int
+
+
+@dataclass
+class Continuation:
+    token_ids: list[int]
+    logprobs: list[float]  # log P(token) under the model, before temperature / penalties
+    text: str              # the text these tokens add to the prefix's text
+    finish: FinishReason
+
+
+class SentenceEngine(Protocol):
+    max_context: int
+
+    def encode_prompt(self, question: str, image) -> EncodedPrompt: ...
+
+    def expand(self, requests: Sequence[Expansion]) -> list[list[Continuation]]: ...

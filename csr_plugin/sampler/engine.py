@@ -7,6 +7,7 @@ search never knows which one runs.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, Sequence
 
@@ -22,10 +23,15 @@ class EncodedPrompt:
 
 @dataclass
 class Expansion:
-    """Continue ``prompt`` + ``prefix_ids`` (the response so far) with ``n`` candidates."""
+    """Continue ``prompt`` + ``prefix_ids`` (the response so far) with ``n`` candidates.
+
+    ``seed`` fixes this request's sampling whatever else shares the batch, so a
+    resumed run draws exactly what an uninterrupted one would (vLLM: per-request seed).
+    """
     prompt: EncodedPrompt
     prefix_ids: list[int]
     n: int
+    seed: int = 0
 
 
 @dataclass
@@ -42,3 +48,9 @@ class SentenceEngine(Protocol):
     def encode_prompt(self, question: str, image) -> EncodedPrompt: ...
 
     def expand(self, requests: Sequence[Expansion]) -> list[list[Continuation]]: ...
+
+
+def stable_seed(*parts) -> int:
+    """A 63-bit seed from ``parts`` that is the same in every process (unlike ``hash``)."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

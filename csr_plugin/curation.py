@@ -1,0 +1,80 @@
+"""Search trees -> preference pairs (CSR: chosen = best complete response, rejected = worst).
+
+A response is the path from the root to a final node; its score is the mean
+(``length_normalize``) or the sum of its sentences' calibrated rewards. Pairs
+are written in the conversational preference format TRL and OpenRLHF read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from csr_plugin.config import CurationConfig
+from csr_plugin.sampler.search import path_score
+
+
+@dataclass
+class Response:
+    text: str
+    reward: float
+    r_i: float      # mean image relevance of its sentences
+    node_id: int
+
+
+@dataclass
+class PreferencePair:
+    id: str
+    image: str
+    question: str
+    chosen: Response
+    rejected: Response
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "images": [self.image],
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.question}]}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": self.chosen.text}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": self.rejected.text}]}],
+            "chosen_reward": self.chosen.reward,
+            "rejected_reward": self.rejected.reward,
+            "chosen_r_i": self.chosen.r_i,
+            "rejected_r_i": self.rejected.r_i,
+        }
+
+
+def complete_responses(tree: dict, length_normalize: bool) -> list[Response]:
+    """Every complete response of a tree (trees.jsonl record) with its cumulative calibrated reward."""
+    nodes = {node["id"]: node for node in tree["nodes"]}
+    responses = []
+    for node in tree["nodes"]:
+        if not node["final"] or node["parent"] is None:
+            continue
+        path = []
+        current: Optional[dict] = node
+        while current is not None and current["parent"] is not None:
+            path.append(current)
+            current = nodes.get(current["parent"])
+            if current is None:
+                raise ValueError(f"tree {tree.get('id')!r}: node {path[-1]['id']} has a missing parent.")
+        path.reverse()
+        responses.append(Response(
+            text="".join(n["text"] for n in path).strip(),
+            reward=path_score([n["reward"] for n in path], length_normalize),
+            r_i=sum(n["r_i"] for n in path) / len(path),
+            node_id=node["id"]))
+    return responses
+
+
+def curate_tree(tree: dict, cfg: CurationConfig) -> tuple[Optional[PreferencePair], str]:
+    """(pair, "") or (None, why it was skipped)."""
+    responses = complete_responses(tree, cfg.length_normalize)
+    if len(responses) < 2:
+        return None, "fewer than 2 complete responses"
+    chosen = max(responses, key=lambda r: r.reward)
+    rejected = min(responses, key=lambda r: r.reward)
+    if chosen.text == rejected.text:
+        return None, "chosen and rejected texts are identical"
+    if chosen.reward - rejected.reward < cfg.min_margin:
+        return None, f"reward margin below curation.min_margin={cfg.min_margin}"
+    return PreferencePair(tree["id"], tree["image"], tree["prompt"], chosen, rejected), ""

@@ -1,0 +1,195 @@
+"""`csr sample`: prompts -> search trees, resumable, with bad inputs set aside.
+
+Reads prompts JSONL ({id, image, question}; a relative image resolves against
+the prompts file's folder), searches them in batches, and appends each finished
+tree to ``<output_dir>/trees.jsonl``. A prompt that cannot be searched (missing
+or corrupt image, empty question, prompt too long, an error inside the search)
+goes to ``errors.jsonl`` with its reason and the run continues. Rerunning skips
+finished ids and retries the failed ones.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from tqdm import tqdm
+
+from csr_plugin.config import Recipe
+from csr_plugin.jsonl import JsonlAppender, read_jsonl
+from csr_plugin.sampler.search import PromptJob, SentenceBeamSearch
+
+log = logging.getLogger(__name__)
+
+
+class PromptError(ValueError):
+    """This prompt cannot be searched; the reason goes to errors.jsonl."""
+
+
+@dataclass
+class PromptRecord:
+    id: str
+    image: str
+    question: str
+
+
+@dataclass
+class SampleSummary:
+    done: int = 0
+    resumed: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        lines = [f"sampled {self.done} prompts in {self.seconds:.1f}s; {self.resumed} already done; "
+                 f"{sum(self.skipped.values())} skipped"]
+        lines += [f"  skipped {count}: {reason}" for reason, count in self.skipped.most_common()]
+        return "\n".join(lines)
+
+
+def load_prompts(path: str | Path, limit: Optional[int] = None) -> tuple[list[PromptRecord], list[dict]]:
+    """Valid prompt records and error records for the lines that are not."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.prompts {str(path)!r} not found; give a JSONL file of "
+                                '{"id", "image", "question"} records.')
+    prompts, errors, seen = [], [], set()
+    for number, record, problem in read_jsonl(path):
+        if record is None:
+            errors.append({"id": f"line:{number}", "reason": f"invalid line: {problem}"})
+            continue
+        prompt_id = record.get("id")
+        if prompt_id is None or str(prompt_id) == "":
+            errors.append({"id": f"line:{number}", "reason": f"invalid line: line {number} has no id"})
+            continue
+        prompt_id = str(prompt_id)
+        if prompt_id in seen:
+            errors.append({"id": prompt_id, "reason": f"duplicate id: line {number} repeats it; ids must be unique"})
+            continue
+        seen.add(prompt_id)
+        image = record.get("image")
+        if not isinstance(image, str) or not image:
+            errors.append({"id": prompt_id, "reason": "no image: the record has no image path"})
+            continue
+        image_path = Path(image).expanduser()
+        if not image_path.is_absolute():
+            image_path = path.parent / image_path
+        # absolute, so trees and pairs stay valid from any working directory
+        prompts.append(PromptRecord(prompt_id, str(image_path.resolve()), str(record.get("question") or "")))
+        if limit is not None and len(prompts) >= limit:
+            break
+    return prompts, errors
+
+
+def load_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, not inside the search
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise PromptError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise PromptError(f"image unreadable or corrupt: {path} ({type(exc).__name__}: {exc})") from None
+
+
+def prepare_job(prompt: PromptRecord, engine) -> PromptJob:
+    from csr_plugin.sampler.transformers_engine import PromptTooLongError
+
+    if not prompt.question.strip():
+        raise PromptError("empty question: give the prompt a non-empty question")
+    image = load_image(prompt.image)
+    try:
+        encoded = engine.encode_prompt(prompt.question, image)
+    except PromptTooLongError as exc:
+        raise PromptError(f"prompt too long: {exc}") from None
+    return PromptJob(prompt.id, prompt.image, prompt.question, image, encoded)
+
+
+def build_engine(recipe: Recipe):
+    if recipe.search.engine == "vllm":
+        raise NotImplementedError("search.engine: vllm is not available yet; use search.engine: transformers.")
+    from csr_plugin.sampler.transformers_engine import TransformersEngine
+
+    return TransformersEngine.from_config(recipe.model, recipe.search)
+
+
+def build_clip(recipe: Recipe):
+    from csr_plugin.reward.clip_relevance import ClipRelevance
+
+    return ClipRelevance(recipe.clip)
+
+
+class _ErrorLog:
+    """errors.jsonl without repeats: an (id, reason) already logged is not written again."""
+
+    def __init__(self, path: Path):
+        self.file = JsonlAppender(path)
+        self.logged = {(r.get("id"), r.get("reason")) for r in self.file.records}
+
+    def add(self, record: dict, summary: SampleSummary) -> None:
+        summary.skipped[record["reason"].split(":")[0]] += 1
+        if (record["id"], record["reason"]) not in self.logged:
+            self.logged.add((record["id"], record["reason"]))
+            self.file.append(record)
+
+
+def sample(recipe: Recipe, engine=None, clip=None, progress: bool = True) -> SampleSummary:
+    started = time.monotonic()
+    out_dir = Path(recipe.output_dir)
+    summary = SampleSummary()
+    prompts, bad_lines = load_prompts(recipe.data.prompts, recipe.data.limit)
+    with JsonlAppender(out_dir / "trees.jsonl") as trees:
+        errors = _ErrorLog(out_dir / "errors.jsonl")
+        if trees.repaired:
+            log.warning("trees.jsonl ended in a torn line (a killed run); it was cut and that prompt is redone")
+        for record in bad_lines:
+            errors.add(record, summary)
+        done = {tree["id"] for tree in trees.records}
+        todo = [p for p in prompts if p.id not in done]
+        summary.resumed = len(prompts) - len(todo)
+        if todo:
+            engine = engine or build_engine(recipe)
+            clip = clip or build_clip(recipe)
+            search = SentenceBeamSearch(engine, clip, recipe.search, recipe.reward, recipe.curation)
+            bar = tqdm(total=len(todo), desc="csr sample", unit="prompt", disable=not progress)
+            size = recipe.search.batch_prompts
+            for start in range(0, len(todo), size):
+                jobs = []
+                for prompt in todo[start:start + size]:
+                    try:
+                        jobs.append(prepare_job(prompt, engine))
+                    except PromptError as exc:
+                        errors.add({"id": prompt.id, "image": prompt.image, "reason": str(exc)}, summary)
+                        bar.update(1)
+                for tree in _search_isolating_failures(search, jobs, errors, summary):
+                    trees.append(tree.to_json())
+                    summary.done += 1
+                    bar.update(1)
+            bar.close()
+        errors.file.close()
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _search_isolating_failures(search: SentenceBeamSearch, jobs: list[PromptJob], errors: _ErrorLog,
+                               summary: SampleSummary):
+    """Search a batch; if it fails, search its prompts one by one so only the culprit is set aside."""
+    if not jobs:
+        return []
+    try:
+        return search.run(jobs)
+    except Exception as exc:  # noqa: BLE001 - one bad prompt must not end the run
+        if len(jobs) == 1:
+            log.exception("search failed for prompt %s", jobs[0].id)
+            errors.add({"id": jobs[0].id, "image": jobs[0].image,
+                        "reason": f"search failed: {type(exc).__name__}: {exc}"}, summary)
+            return []
+    trees = []
+    for job in jobs:
+        trees.extend(_search_isolating_failures(search, [job], errors, summary))
+    return trees

@@ -100,8 +100,9 @@ class SearchConfig:
                              default_factory=lambda: [".", "!", "?"])
     min_sentence_chars: int = _help("Drop candidate sentences with fewer letters/digits than this (0 = off).",
                                     default=0)
-    drop_repeated: bool = _help("Drop a candidate that repeats a sentence already in its response.",
-                                default=False)
+    drop_degenerate: bool = _help(
+        "Drop degenerate candidates as the official code does: a word 6+ times in a row, a character 11+ times "
+        "in a row, more than 5 line breaks, or a sentence already in its response.", default=False)
     batch_prompts: int = _help("Prompts searched together; all their beams share one engine call per step.",
                                default=8)
     engine: Literal["transformers", "vllm"] = _help("Generation engine.", default="transformers")

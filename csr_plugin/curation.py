@@ -6,10 +6,13 @@ are written in the conversational preference format TRL and OpenRLHF read.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from csr_plugin.config import CurationConfig
+from csr_plugin.jsonl import read_jsonl, write_jsonl_atomic
 from csr_plugin.sampler.search import path_score
 
 
@@ -78,3 +81,36 @@ def curate_tree(tree: dict, cfg: CurationConfig) -> tuple[Optional[PreferencePai
     if chosen.reward - rejected.reward < cfg.min_margin:
         return None, f"reward margin below curation.min_margin={cfg.min_margin}"
     return PreferencePair(tree["id"], tree["image"], tree["prompt"], chosen, rejected), ""
+
+
+@dataclass
+class CurationSummary:
+    pairs: int
+    skipped: Counter
+
+    def __str__(self) -> str:
+        lines = [f"curated {self.pairs} pairs; skipped {sum(self.skipped.values())} trees"]
+        lines += [f"  skipped {count}: {reason}" for reason, count in self.skipped.most_common()]
+        return "\n".join(lines)
+
+
+def curate_file(trees_path: str | Path, out_path: str | Path, cfg: CurationConfig) -> CurationSummary:
+    """trees.jsonl -> pairs JSONL, written atomically (rerunning rewrites the same file)."""
+    trees_path = Path(trees_path)
+    if not trees_path.is_file():
+        raise FileNotFoundError(f"trees file {str(trees_path)!r} not found; run `csr sample` first.")
+    pairs, skipped = [], Counter()
+    for _, tree, problem in read_jsonl(trees_path):
+        if tree is None:
+            skipped[problem.split(" is ")[-1]] += 1  # a torn line from a killed run, for instance
+            continue
+        try:
+            pair, reason = curate_tree(tree, cfg)
+        except (KeyError, TypeError, ValueError) as exc:
+            pair, reason = None, f"malformed tree ({type(exc).__name__}: {exc})"
+        if pair is None:
+            skipped[reason] += 1
+        else:
+            pairs.append(pair.to_json())
+    write_jsonl_atomic(out_path, pairs)
+    return CurationSummary(len(pairs), skipped)

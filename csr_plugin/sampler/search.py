@@ -63,10 +63,18 @@ def path_score(values: Sequence[float], length_normalize: bool) -> float:
 
 
 _WORD_CHARS = re.compile(r"\w")
+_REPEATED_WORD = re.compile(r"(\b\w+\b)(?:\s+\1){5,}")       # one word 6+ times in a row
+_REPEATED_CHAR = re.compile(r"(\S)(?:\s*\1){10,}")            # one character 11+ times in a row
 
 
 def _normalised(text: str) -> str:
     return " ".join(text.lower().split())
+
+
+def is_degenerate(text: str, earlier: Sequence[str]) -> bool:
+    """The official code's degeneration filters, plus a sentence repeated within its response."""
+    return bool(_REPEATED_WORD.search(text) or _REPEATED_CHAR.search(text) or text.count("\n") > 5
+                or _normalised(text) in map(_normalised, earlier))
 
 
 @dataclass
@@ -87,7 +95,7 @@ class SentenceBeamSearch:
         self.search = search
         self.reward = reward
         self.curation = curation
-        self.stats = {"candidates": 0, "filtered_short": 0, "filtered_repeated": 0}
+        self.stats = {"candidates": 0, "filtered_short": 0, "filtered_degenerate": 0}
 
     def run(self, jobs: Sequence[PromptJob]) -> list[SearchTree]:
         beams = []
@@ -130,8 +138,8 @@ class SentenceBeamSearch:
             if words < max(self.search.min_sentence_chars, 1):
                 self.stats["filtered_short"] += 1
                 continue
-            if self.search.drop_repeated and _normalised(cont.text) in map(_normalised, beam.path_texts[parent]):
-                self.stats["filtered_repeated"] += 1
+            if self.search.drop_degenerate and is_degenerate(cont.text, beam.path_texts[parent]):
+                self.stats["filtered_degenerate"] += 1
                 continue
             accepted.append(Node(id=-1, parent=parent, text=cont.text, token_ids=cont.token_ids,
                                  logprobs=cont.logprobs, r_t=0.0, r_i=0.0, reward=0.0, finish=cont.finish))

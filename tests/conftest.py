@@ -1,0 +1,56 @@
+"""Shared tiny models, built offline once per test session through the real builders."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("FLASH_ATTENTION_TRITON_AMD_ENABLE", "TRUE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    from csr_plugin.toy.quickstart import prepare_tiny_assets
+
+    return prepare_tiny_assets(tmp_path_factory.mktemp("tiny"), n_prompts=6)
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe_dict(tiny_root):
+    """A recipe for the tiny models; tests copy it and change what they test."""
+    return {
+        "model": {"path": str(tiny_root / "vlm"), "dtype": "float32", "device": "cpu"},
+        "clip": {"model": "tiny-clip", "config": str(tiny_root / "clip" / "tiny-clip.json"),
+                 "pretrained": str(tiny_root / "clip" / "tiny-clip.pt"), "device": "cpu"},
+        "data": {"prompts": str(tiny_root / "prompts" / "prompts.jsonl")},
+        "output_dir": "unused",
+        "search": {"beam_width": 3, "candidates": 3, "keep_top": 1, "keep_bottom": 2, "max_sentences": 3,
+                   "max_new_tokens": 12, "batch_prompts": 4},
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_model_and_processor(tiny_recipe_dict):
+    from csr_plugin.config import recipe_from_dict
+    from csr_plugin.sampler.transformers_engine import load_vlm
+
+    return load_vlm(recipe_from_dict(tiny_recipe_dict).model)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_recipe_dict):
+    from csr_plugin.config import recipe_from_dict
+    from csr_plugin.reward.clip_relevance import ClipRelevance
+
+    return ClipRelevance(recipe_from_dict(tiny_recipe_dict).clip)
+
+
+def make_engine(model_and_processor, **search_overrides):
+    from csr_plugin.config import SearchConfig
+    from csr_plugin.sampler.transformers_engine import TransformersEngine
+
+    defaults = {"beam_width": 3, "candidates": 3, "keep_top": 1, "keep_bottom": 2, "max_new_tokens": 12}
+    defaults.update(search_overrides)
+    model, processor = model_and_processor
+    return TransformersEngine(model, processor, SearchConfig(**defaults))

@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from csr_plugin.config import CurationConfig
+from csr_plugin.curation import complete_responses, curate_file, curate_tree
+
+
+def _node(i, parent, text, reward, final=False, r_i=10.0):
+    return {"id": i, "parent": parent, "text": text, "token_ids": [i], "logprobs": [-1.0], "r_t": -1.0,
+            "r_i": r_i, "reward": reward, "final": final, "finish": "eos" if final else "sentence"}
+
+
+def _tree(nodes, tree_id="t"):
+    return {"id": tree_id, "image": "/img.png", "prompt": "Describe.", "nodes": [_node(0, None, "", 0.0)] + nodes}
+
+
+# root -> A (10) -> A1 (30, final)      mean 20, sum 40
+#      -> A -> A2 (-5, final)           mean 2.5, sum 5
+#      -> B (4, final)                  mean 4,  sum 4
+TREE = _tree([_node(1, 0, "A.", 10.0), _node(2, 1, " A1.", 30.0, True, r_i=30.0),
+              _node(3, 1, " A2.", -5.0, True, r_i=2.0), _node(4, 0, "B.", 4.0, True)])
+
+
+def test_every_complete_response_with_its_cumulative_reward():
+    responses = {r.text: r.reward for r in complete_responses(TREE, length_normalize=True)}
+    assert responses == pytest.approx({"A. A1.": 20.0, "A. A2.": 2.5, "B.": 4.0})
+    responses = {r.text: r.reward for r in complete_responses(TREE, length_normalize=False)}
+    assert responses == pytest.approx({"A. A1.": 40.0, "A. A2.": 5.0, "B.": 4.0})
+
+
+def test_chosen_is_the_highest_and_rejected_the_lowest():
+    pair, _ = curate_tree(TREE, CurationConfig(length_normalize=True))
+    assert (pair.chosen.text, pair.rejected.text) == ("A. A1.", "A. A2.")
+    assert pair.chosen.r_i == pytest.approx(20.0) and pair.rejected.r_i == pytest.approx(6.0)
+    pair, _ = curate_tree(TREE, CurationConfig(length_normalize=False))   # the sum favours the 2-sentence path
+    assert (pair.chosen.text, pair.rejected.text) == ("A. A1.", "B.")
+
+
+def test_degenerate_pairs_are_dropped_with_a_reason():
+    same = _tree([_node(1, 0, "Same.", 3.0, True), _node(2, 0, "Same.", 1.0, True)])
+    assert curate_tree(same, CurationConfig()) == (None, "chosen and rejected texts are identical")
+    single = _tree([_node(1, 0, "Only.", 3.0, True), _node(2, 0, "Pruned.", 1.0)])
+    assert curate_tree(single, CurationConfig())[1] == "fewer than 2 complete responses"
+    pair, _ = curate_tree(TREE, CurationConfig(min_margin=17.5))      # margin 20 - 2.5 = 17.5 is kept
+    assert pair is not None
+    assert curate_tree(TREE, CurationConfig(min_margin=17.6))[1].startswith("reward margin below")
+
+
+def test_pairs_file_is_the_conversational_preference_format(tmp_path):
+    trees = tmp_path / "trees.jsonl"
+    trees.write_text(json.dumps(TREE) + "\n" + json.dumps(_tree([_node(1, 0, "x.", 1.0, True)], "t2"))
+                     + "\n" + '{"id": "torn", "ima')
+    summary = curate_file(trees, tmp_path / "pairs.jsonl", CurationConfig())
+    assert summary.pairs == 1 and sum(summary.skipped.values()) == 2
+    pair = json.loads((tmp_path / "pairs.jsonl").read_text())
+    assert pair["images"] == ["/img.png"]
+    assert pair["prompt"] == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+    assert pair["chosen"] == [{"role": "assistant", "content": [{"type": "text", "text": "A. A1."}]}]
+    assert pair["rejected"][0]["content"][0]["text"] == "A. A2."
+    assert pair["chosen_reward"] == pytest.approx(20.0) and pair["rejected_reward"] == pytest.approx(2.5)

@@ -63,3 +63,11 @@ def test_long_text_is_truncated_to_clip_context_on_purpose(tiny_clip):
     assert int(tokens[0, -1]) == tiny_clip.tokenizer.eot_token_id   # the end-of-text token is kept
     image = Image.new("RGB", (32, 32))
     assert tiny_clip.score([("long", image, long_text)])[0] >= 0.0
+
+
+def test_trimmed_text_encoding_equals_open_clips_own(tiny_clip):
+    texts = ["a red circle.", "two blue squares next to a small yellow star on the left side", "x"]
+    assert tiny_clip._can_trim_padding()
+    ours = tiny_clip.text_embeddings(texts)
+    reference = tiny_clip.model.encode_text(tiny_clip.tokenizer(texts), normalize=True).float()
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)

@@ -56,7 +56,7 @@ class ClipRelevance:
         self._cache: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
         self._cache_size = cfg.cache_images
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def image_embedding(self, key: Hashable, image: Image.Image) -> torch.Tensor:
         """Unit-norm embedding of ``image``, computed once per ``key`` (e.g. its path)."""
         if key in self._cache:
@@ -69,10 +69,31 @@ class ClipRelevance:
             self._cache.popitem(last=False)
         return embedding
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenizer(list(texts)).to(self.device)  # truncates to the model's context
+        if self._can_trim_padding():
+            return self._encode_text_trimmed(tokens)
         return self.model.encode_text(tokens, normalize=True).float()
+
+    def _can_trim_padding(self) -> bool:
+        # OpenAI-style CLIP: causal text attention pooled at the end-of-text token, so positions
+        # after the longest sentence's EOT cannot change any embedding. Sentences are ~20 of 77
+        # tokens: cutting the padding makes the text tower ~3x cheaper with identical output.
+        model = self.model
+        return (type(model).__name__ == "CLIP" and getattr(model, "text_pool_type", None) == "argmax"
+                and getattr(model, "attn_mask", None) is not None and getattr(model, "cls_emb", None) is None)
+
+    def _encode_text_trimmed(self, tokens: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        length = int(tokens.argmax(dim=-1).max()) + 1  # EOT has the largest id in CLIP's vocabulary
+        tokens = tokens[:, :length]
+        cast_dtype = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+        return torch.nn.functional.normalize(x, dim=-1).float()
 
     def relevance(self, image_embeddings: torch.Tensor, texts: Sequence[str]) -> list[float]:
         """R_I for each (image embedding row, text) pair, in one text batch."""

@@ -174,7 +174,7 @@ class TransformersEngine:
         after = decode(prefix_ids + new_ids)
         return after[len(before):] if after.startswith(before) else decode(new_ids)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def expand(self, requests: Sequence[Expansion]) -> list[list[Continuation]]:
         if not requests:
             return []
@@ -207,42 +207,50 @@ class TransformersEngine:
         attention = attention[request_of_row]
         del out
 
-        rows = request_of_row.shape[0]
+        rows, steps = request_of_row.shape[0], self.search.max_new_tokens
+        live = torch.arange(rows, device=self.device)          # original row of each batch row
         active = torch.ones(rows, dtype=torch.bool, device=self.device)
         finish = torch.full((rows,), 2, dtype=torch.long, device=self.device)  # 0 sentence, 1 eos, 2 length
-        steps_tokens, steps_logprobs, steps_active = [], [], []
-        for step in range(self.search.max_new_tokens):
+        lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
+        token_buf = torch.full((rows, steps), self.pad_id, dtype=torch.long, device=self.device)
+        logprob_buf = torch.zeros((rows, steps), device=self.device)
+        for step in range(steps):
             logp = logits.log_softmax(-1)  # reported under the model itself, before any masking
             logits = logits.masked_fill(self.banned_mask, float("-inf"))
-            tokens = self._choose(logits, step, row_seeds, group_of_row, request_of_row, active, len(requests))
+            tokens = self._choose(logits, step, row_seeds[live], group_of_row[live], request_of_row[live], active,
+                                  len(requests))
             tokens = torch.where(active, tokens, torch.full_like(tokens, self.pad_id))
-            steps_tokens.append(tokens)
-            steps_logprobs.append(logp.gather(-1, tokens[:, None]).squeeze(-1))
-            steps_active.append(active.clone())
+            writing = live[active]
+            token_buf[writing, step] = tokens[active]
+            logprob_buf[writing, step] = logp.gather(-1, tokens[:, None]).squeeze(-1)[active]
+            lengths[writing] += 1
             is_eos = self.eos_mask[tokens] & active
-            is_end = self.sentence_end_mask[tokens] & active
-            finish = torch.where(is_eos, torch.ones_like(finish), torch.where(is_end, torch.zeros_like(finish), finish))
+            is_end = self.sentence_end_mask[tokens] & active & ~is_eos
+            finish[live[is_eos]] = 1
+            finish[live[is_end]] = 0
             active = active & ~is_eos & ~is_end
-            if not bool(active.any()) or step == self.search.max_new_tokens - 1:
+            if not bool(active.any()) or step == steps - 1:
                 break
+            if int((~active).sum()) * 4 >= active.numel():
+                # Drop finished rows once a quarter of the batch has ended: sentences differ in
+                # length, and decoding dead rows to the longest one would waste most of the step.
+                keep = active.nonzero(as_tuple=True)[0]
+                cache.batch_select_indices(keep)
+                attention, tokens, live, active = attention[keep], tokens[keep], live[keep], active[keep]
             attention = torch.cat([attention, active[:, None].long()], dim=1)
             out = self.model(input_ids=tokens[:, None], attention_mask=attention, past_key_values=cache,
                              use_cache=True)
             logits = out.logits[:, -1].float()
             cache = out.past_key_values
 
-        tokens_t = torch.stack(steps_tokens, 1).tolist()
-        logprobs_t = torch.stack(steps_logprobs, 1).tolist()
-        active_t = torch.stack(steps_active, 1).tolist()
-        finish_t = finish.tolist()
-        request_t = request_of_row.tolist()
+        token_rows, logprob_rows = token_buf.tolist(), logprob_buf.tolist()
+        lengths_t, finish_t, request_t = lengths.tolist(), finish.tolist(), request_of_row.tolist()
         results: list[list[Continuation]] = [[] for _ in requests]
         names = ("sentence", "eos", "length")
         for row in range(rows):
-            n_tokens = sum(active_t[row])
-            new_ids = tokens_t[row][:n_tokens]
+            new_ids = token_rows[row][:lengths_t[row]]
             request = requests[request_t[row]]
             results[request_t[row]].append(Continuation(
-                token_ids=new_ids, logprobs=logprobs_t[row][:n_tokens],
+                token_ids=new_ids, logprobs=logprob_rows[row][:lengths_t[row]],
                 text=self._decode_text(request.prefix_ids, new_ids), finish=names[finish_t[row]]))
         return results

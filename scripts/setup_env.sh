@@ -11,20 +11,29 @@ if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt scripts/
 fi
 PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-PIP="$VENV/bin/python -m pip"
+echo "setting up $VENV (first run only, about two minutes)..."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-$PIP install -q --upgrade pip setuptools wheel ninja packaging psutil
+# pip's configured local indexes warn about every package they do not hold: keep only real messages.
+pip_install() {
+  local log status=0
+  log=$(mktemp)
+  "$VENV/bin/python" -m pip install -q "$@" >"$log" 2>&1 || status=$?
+  grep -v -e "is ignored: it is neither a file nor a directory" "$log" | grep -v '^\s*$' >&2 || true
+  rm -f "$log"
+  return $status
+}
+pip_install --upgrade pip setuptools wheel ninja packaging psutil
 # torchvision is required by open_clip; the torch/torchvision pair below is the
 # one known to import together here (a CPU-only torch file has no matching torchvision).
-$PIP install -q "torch==${CSR_TORCH_VERSION:-2.14.1}" "torchvision==${CSR_TORCHVISION_VERSION:-0.29.1}"
+pip_install "torch==${CSR_TORCH_VERSION:-2.14.1}" "torchvision==${CSR_TORCHVISION_VERSION:-0.29.1}"
 # flash-attn: openrlhf imports flash_attn.bert_padding at import time. Without
 # CUDA its source package installs as pure Python (DESIGN.md section 4).
 if ! $VENV/bin/python -c "import flash_attn" 2>/dev/null; then
   FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE \
-    $PIP install -q --no-build-isolation "flash-attn==2.8.3"
+    pip_install --no-build-isolation "flash-attn==2.8.3"
 fi
-DS_BUILD_OPS=0 $PIP install -q --no-build-isolation "deepspeed==0.19.6"
-$PIP install -q "openrlhf==0.11.2"
-$PIP install -q -e ".[dev]"
+DS_BUILD_OPS=0 pip_install --no-build-isolation "deepspeed==0.19.6"
+pip_install "openrlhf==0.11.2"
+pip_install -e ".[dev]"
 touch "$STAMP"
 echo "csr-plugin environment ready in $VENV"

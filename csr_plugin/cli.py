@@ -33,6 +33,20 @@ def _cmd_curate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_dpo(args: argparse.Namespace) -> int:
+    from csr_plugin.training.launch import run_dpo
+
+    recipe = load_recipe(args.config, args.overrides)
+    if not recipe.dpo.pairs:
+        raise ConfigError("`dpo.pairs` is required: the pairs JSONL written by `csr curate`.")
+    if not Path(recipe.dpo.pairs).is_file():
+        raise FileNotFoundError(f"dpo.pairs {recipe.dpo.pairs!r} not found; run `csr curate` first.")
+    code = run_dpo(recipe, args.config, args.overrides, recipe.model.path, recipe.dpo.pairs, recipe.output_dir)
+    if code == 0:
+        print(f"trained model: {Path(recipe.output_dir) / 'final'}")
+    return code
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from csr_plugin.toy.quickstart import run_quick_demo
 
@@ -62,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sum", action="store_true", help="score responses by the sum, not the mean, of rewards")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides (with --config)")
     p.set_defaults(func=_cmd_curate)
+
+    p = sub.add_parser("train-dpo", help="multimodal DPO / IPO / TDPO on OpenRLHF's DeepSpeed trainer (ZeRO-3)",
+                       description="Trains model.path on dpo.pairs; writes <output_dir>/final. Resumable.")
+    p.add_argument("--config", required=True, help="recipe YAML with a `dpo` section")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    p.set_defaults(func=_cmd_train_dpo)
 
     p = sub.add_parser("demo", help="quick demo: tiny offline models, sampling + curation, a few pairs printed")
     p.add_argument("--config", default="recipes/tiny.yaml", help="recipe (default: recipes/tiny.yaml)")

@@ -139,6 +139,73 @@ class CurationConfig:
 
 
 @dataclass
+class DPOConfig:
+    pairs: str = _help("Preference pairs JSONL (conversational format with images); `csr run` sets it per "
+                       "iteration.", default="")
+    loss: Literal["dpo", "ipo", "tdpo1", "tdpo2"] = _help("Preference loss.", default="dpo")
+    beta: float = _help("KL strength beta (official CSR: 0.1).", default=0.1)
+    alpha: float = _help("TDPO2 weight of the sequential KL term.", default=0.5)
+    label_smoothing: float = _help("Conservative DPO label smoothing (0 = plain DPO).", default=0.0)
+    zero_stage: int = _help("DeepSpeed ZeRO stage: 3 partitions parameters, 2 only optimizer state and "
+                            "gradients.", default=3)
+    nproc: int = _help("Processes `csr train-dpo` starts on this machine (GPUs, or CPU ranks with gloo).",
+                       default=2)
+    hostfile: Optional[str] = _help("DeepSpeed hostfile for multi-node runs (see docs/distributed.md).",
+                                    default=None)
+    master_port: int = _help("Rendezvous port for the processes started here.", default=29517)
+    lr: float = _help("Peak learning rate.", default=5.0e-7)
+    lr_scheduler: str = _help("transformers scheduler name.", default="cosine_with_min_lr")
+    warmup_ratio: float = _help("Fraction of steps for LR warm-up.", default=0.03)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    max_norm: float = _help("Gradient clipping norm.", default=1.0)
+    epochs: int = _help("Passes over the pairs.", default=1)
+    micro_batch: int = _help("Pairs per process per forward.", default=1)
+    batch: int = _help("Pairs per optimizer step, all processes together.", default=8)
+    max_len: int = _help("Longest prompt + response in tokens; longer responses are cut.", default=2048)
+    lora_rank: int = _help("LoRA rank (0 = full fine-tuning; official CSR: 128).", default=0)
+    lora_alpha: int = _help("LoRA alpha (official CSR: 256).", default=16)
+    lora_dropout: float = _help("LoRA dropout.", default=0.0)
+    lora_targets: list = _help("Modules LoRA adapts; all-linear = every linear layer of the language model.",
+                               default_factory=lambda: ["all-linear"])
+    freeze_vision: bool = _help("Keep the vision tower frozen (the projector and LM train).", default=True)
+    gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", default=False)
+    dtype: Literal["auto", "bf16", "fp32"] = _help("auto = bf16 on GPU, fp32 on CPU.", default="auto")
+    attn_implementation: str = _help("transformers attention: sdpa, eager, flash_attention_2.", default="sdpa")
+    ckpt_steps: int = _help("Save a resumable DeepSpeed checkpoint every N optimizer steps (0 = only at the "
+                            "end).", default=20)
+    kl_chunk: int = _help("Positions per chunk when TDPO computes its per-position KL (bounds memory).",
+                          default=256)
+    seed: int = _help("Data order and initialisation seed.", default=42)
+
+    def validate(self, where: str) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"`{where}.zero_stage` must be 0, 1, 2 or 3, got {self.zero_stage}.")
+        for name in ("nproc", "epochs", "micro_batch", "batch", "max_len", "kl_chunk"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"`{where}.{name}` must be >= 1, got {getattr(self, name)}.")
+        for name in ("lora_rank", "ckpt_steps", "weight_decay", "max_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"`{where}.{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.beta <= 0 or self.lr <= 0:
+            raise ConfigError(f"`{where}.beta` and `{where}.lr` must be > 0, got {self.beta} and {self.lr}.")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"`{where}.label_smoothing` must be in [0, 0.5), got {self.label_smoothing}.")
+        if self.batch % self.micro_batch:
+            raise ConfigError(f"`{where}.batch` ({self.batch}) must be a multiple of micro_batch "
+                              f"({self.micro_batch}) times the number of processes.")
+
+
+@dataclass
+class LoopConfig:
+    iterations: int = _help("CSR iterations T: sample -> curate -> DPO, each from the previous iterate.",
+                            default=3)
+
+    def validate(self, where: str) -> None:
+        if self.iterations < 1:
+            raise ConfigError(f"`{where}.iterations` must be >= 1, got {self.iterations}.")
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
@@ -147,6 +214,8 @@ class Recipe:
     reward: RewardConfig = field(default_factory=RewardConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     curation: CurationConfig = field(default_factory=CurationConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
 
 
 # YAML keys that are Python keywords are stored with a trailing underscore.

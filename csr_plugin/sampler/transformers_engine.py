@@ -15,12 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from csr_plugin.config import ModelConfig, SearchConfig
+from csr_plugin.multimodal import LLAVA_PROMPT, concat_image_inputs
 from csr_plugin.reward.clip_relevance import resolve_device
 from csr_plugin.sampler.engine import Continuation, EncodedPrompt, Expansion, stable_seed
 from csr_plugin.sampler.sentence_end import sentence_end_token_ids
 
-# LLaVA-1.5's conversation format, used when a processor ships no chat template.
-_LLAVA_TEMPLATE = "USER: {image}\n{question} ASSISTANT:"
 
 
 class PromptTooLongError(ValueError):
@@ -78,11 +77,6 @@ def _max_context(model, tokenizer) -> int:
     return min(limits) if limits else 4096
 
 
-def _concat_image_inputs(items: Sequence[dict]) -> dict:
-    """Image tensors of several prompts along dim 0 (LLaVA: images; Qwen-VL: patches and grids)."""
-    return {key: torch.cat([item[key] for item in items], dim=0) for key in items[0]} if items else {}
-
-
 class TransformersEngine:
     def __init__(self, model, processor, search: SearchConfig):
         self.model = model
@@ -129,7 +123,7 @@ class TransformersEngine:
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
             return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         image_token = getattr(self.processor, "image_token", "<image>")
-        return _LLAVA_TEMPLATE.format(image=image_token, question=question)
+        return LLAVA_PROMPT.format(image=image_token, question=question)
 
     def encode_prompt(self, question: str, image) -> EncodedPrompt:
         inputs = self.processor(images=image, text=self.prompt_text(question), return_tensors="pt")
@@ -187,7 +181,7 @@ class TransformersEngine:
             attention[i, width - len(seq):] = 1
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         image_inputs = {k: v.to(self.device) for k, v in
-                        _concat_image_inputs([r.prompt.image_inputs for r in requests]).items()}
+                        concat_image_inputs([r.prompt.image_inputs for r in requests]).items()}
         if "pixel_values" in image_inputs:
             image_inputs["pixel_values"] = image_inputs["pixel_values"].to(self.model.dtype)
         from transformers import DynamicCache

@@ -1,0 +1,128 @@
+"""The one place where OpenRLHF's CUDA-only assumptions meet a CPU.
+
+OpenRLHF's ``DeepspeedStrategy`` calls ``torch.cuda.set_device``, builds a "cuda"
+device mesh, moves all_reduce/all_gather tensors to ``torch.cuda.current_device()``
+and syncs CUDA after barriers; its log-prob helper runs a Triton kernel whenever
+flash-attn imports. DeepSpeed itself trains ZeRO-3 on CPU with the gloo backend.
+On a GPU everything below defers to OpenRLHF unchanged.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+if not torch.cuda.is_available():
+    # OpenRLHF imports flash_attn at import time; without CUDA its pure-Python install imports
+    # only with the Triton backend selected (DESIGN.md section 4). Must precede any openrlhf import.
+    os.environ.setdefault("FLASH_ATTENTION_TRITON_AMD_ENABLE", "TRUE")
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if on_gpu() else torch.device("cpu")
+
+
+def partition_while_loading() -> bool:
+    """Whether ZeRO-3 models load straight into partitions (transformers' zero.Init path).
+
+    On CPU/gloo that path corrupts a few random parameters (the modifier-rank broadcast in
+    GatheredParameters; seen with DeepSpeed 0.19.6, torch 2.14, 2 ranks: about one run in
+    two had a tensor of garbage). There each rank loads the whole model and DeepSpeed
+    partitions it when the engine starts - fine for the models a CPU can train anyway.
+    """
+    return on_gpu()
+
+
+def _barrier_and_sync() -> None:
+    dist.barrier()
+    if on_gpu():
+        torch.cuda.synchronize()
+
+
+def _install_cpu_safe_helpers() -> None:
+    """Module-level OpenRLHF helpers that assume CUDA, made device-aware (idempotent)."""
+    import openrlhf.models.actor as actor_module
+    import openrlhf.utils.deepspeed.deepspeed as ds_module
+
+    ds_module.torch_dist_barrier_and_cuda_sync = _barrier_and_sync
+    original = actor_module.log_probs_from_logits
+    if getattr(original, "_csr_device_aware", False):
+        return
+
+    def log_probs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0):
+        if logits.is_cuda:
+            return original(logits, labels, temperature)
+        # flash-attn's Triton cross-entropy is CUDA-only: the same quantity, in chunks of rows
+        if temperature != 1.0:
+            logits = logits / temperature
+        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        return picked - torch.logsumexp(logits, dim=-1)
+
+    log_probs_from_logits._csr_device_aware = True
+    actor_module.log_probs_from_logits = log_probs_from_logits
+
+
+def make_strategy(args):
+    """OpenRLHF's DeepspeedStrategy, made to run unchanged on CPU (gloo) and GPU (NCCL)."""
+    from openrlhf.utils.deepspeed import DeepspeedStrategy
+
+    _install_cpu_safe_helpers()
+
+    class DeviceAwareStrategy(DeepspeedStrategy):
+        def setup_distributed(self, timeout=timedelta(minutes=60)) -> None:
+            if on_gpu():
+                return super().setup_distributed(timeout)
+            import deepspeed
+            import transformers
+            from torch.distributed.device_mesh import init_device_mesh
+
+            transformers.set_seed(self.seed)
+            if self.args.local_rank != -1:
+                os.environ["LOCAL_RANK"] = str(self.args.local_rank)
+            deepspeed.init_distributed(dist_backend="gloo", timeout=timeout)
+            self.world_size = dist.get_world_size()
+            dp_size = self.world_size // self.ring_attn_size // self.ds_tensor_parallel_size
+            self.ds_device_mesh = init_device_mesh(
+                "cpu", (dp_size, self.ring_attn_size, self.ds_tensor_parallel_size), mesh_dim_names=("dp", "sp", "tp"))
+            self.setup_ring_attn(self.ds_device_mesh)
+            self.accumulated_gradient = (self.train_batch_size * self.ring_attn_size * self.ds_tensor_parallel_size
+                                         // self.micro_train_batch_size // self.world_size)
+
+        def get_ds_train_config(self, optim_dict=None, *, max_norm=None):
+            config = super().get_ds_train_config(optim_dict, max_norm=max_norm)
+            if not on_gpu() and "optimizer" in config:
+                # DeepSpeed's FusedAdam is a CUDA kernel (its CPU build compiles C++ at start-up):
+                # plain torch AdamW is the same update.
+                config["optimizer"]["params"]["torch_adam"] = True
+            return config
+
+        def all_reduce(self, data, op="mean"):
+            if on_gpu():
+                return super().all_reduce(data, op)
+            if isinstance(data, dict):
+                return {k: self.all_reduce(v, op) for k, v in data.items()}
+            tensor = data.clone() if isinstance(data, torch.Tensor) else torch.tensor([float(data)])
+            if op == "mean":
+                tensor /= self.world_size
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            return tensor if isinstance(data, torch.Tensor) else tensor.item()
+
+        def all_gather(self, data):
+            if on_gpu():
+                return super().all_gather(data)
+            if isinstance(data, dict):
+                return {k: self.all_gather(v) for k, v in data.items()}
+            tensor = data if isinstance(data, torch.Tensor) else torch.tensor([float(data)])
+            gathered = [torch.zeros_like(tensor) for _ in range(self.world_size)]
+            dist.all_gather(gathered, tensor)
+            return torch.cat(gathered)
+
+    return DeviceAwareStrategy(seed=args.train.seed, max_norm=args.max_norm,
+                               micro_train_batch_size=args.train.micro_batch_size,
+                               train_batch_size=args.train.batch_size, zero_stage=args.ds.zero_stage, args=args)

@@ -1,0 +1,179 @@
+"""One rank of `csr train-dpo`: OpenRLHF's DPO pipeline (strategy, Actor, DPOTrainer) with images.
+
+Started by ``csr train-dpo`` through torchrun / the deepspeed launcher, or directly by
+any launcher that sets the usual RANK / WORLD_SIZE / LOCAL_RANK variables:
+
+    torchrun --nproc_per_node 8 -m csr_plugin.training.dpo_main --config R.yaml [k=v ...]
+
+Resumable: a DeepSpeed checkpoint is saved every ``dpo.ckpt_steps`` optimizer steps and
+loaded on restart; a finished run leaves ``<out>/final/.complete`` and is not redone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from csr_plugin.config import DPOConfig, Recipe, load_recipe
+from csr_plugin.training.device import make_strategy, partition_while_loading
+from csr_plugin.training.openrlhf_args import as_namespace, dpo_flags, param_dtype
+
+COMPLETE = ".complete"
+_VISION_PARTS = ("vision_tower", "vision_model", "visual.", "image_encoder")
+
+
+def is_complete(out_dir: str | Path) -> bool:
+    return (Path(out_dir) / "final" / COMPLETE).exists()
+
+
+def _language_model_linears(model) -> list[str]:
+    """Names of the language model's linear layers: LoRA adapts the LM, not the vision tower or the head."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and "lm_head" not in name
+            and not any(part in name for part in _VISION_PARTS) and "projector" not in name]
+
+
+def load_actor(path: str, cfg: DPOConfig, ds_config: dict, trainable: bool, trust_remote_code: bool = False):
+    """OpenRLHF's Actor around a VLM we load ourselves (OpenRLHF's loader forces trust_remote_code=True)."""
+    from openrlhf.models import Actor
+    from openrlhf.models.actor import _patch_zero3_weight_mapping
+    from openrlhf.models.utils import set_z3_leaf_modules
+    from transformers import AutoModelForImageTextToText
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    zero3 = ds_config["zero_optimization"]["stage"] == 3 and partition_while_loading()
+    if zero3:  # parameters are partitioned as they load, never materialised whole on one rank
+        _patch_zero3_weight_mapping()
+        zero3_config = HfDeepSpeedConfig(ds_config)
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                        attn_implementation=cfg.attn_implementation)
+    if trainable and cfg.freeze_vision:
+        for name, param in model.named_parameters():
+            if any(part in name for part in _VISION_PARTS):
+                param.requires_grad = False
+    if trainable and cfg.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = _language_model_linears(model) if cfg.lora_targets == ["all-linear"] else cfg.lora_targets
+        model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                                 lora_dropout=cfg.lora_dropout, target_modules=targets,
+                                                 bias="none"))
+    set_z3_leaf_modules(model, detect_hybrid=False)
+    model.config.use_cache = False
+    actor = Actor(model)
+    actor.is_vlm, actor._vlm_config, actor.packing_samples = True, model.config, False
+    if zero3:
+        actor._hf_zero3_config = zero3_config  # transformers holds it by weak reference: keep it alive
+    return actor
+
+
+def _mirror_tokenizer_fields(processor) -> None:
+    """OpenRLHF's trainer reads pad/eos ids from what it calls the tokenizer: here, the processor."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    for name in ("pad_token_id", "eos_token_id", "pad_token", "eos_token"):
+        if not hasattr(processor, name):
+            setattr(processor, name, getattr(tokenizer, name))
+
+
+def _save_final(strategy, policy, processor, cfg: DPOConfig, model_path: str, final: Path) -> None:
+    strategy.save_model(policy, processor, str(final))
+    if cfg.lora_rank > 0 and strategy.is_rank_0():
+        # merge-on-save: the iterate is a plain HF checkpoint that the next stage loads as is
+        from peft import PeftModel
+        from transformers import AutoModelForImageTextToText
+
+        base = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
+        for name in os.listdir(final):
+            if name.startswith("adapter_"):
+                os.remove(final / name)
+        merged.save_pretrained(final)
+        processor.save_pretrained(final)
+    if strategy.is_rank_0():
+        (final / COMPLETE).write_text("done\n")
+    torch.distributed.barrier()
+
+
+def train_dpo(recipe: Recipe, model_path: str, pairs: str, out_dir: str) -> None:
+    from csr_plugin.training.data import MultimodalPreferenceDataset, load_processor
+    from csr_plugin.training.trainer import MultimodalDPOTrainer
+
+    cfg = recipe.dpo
+    out = Path(out_dir)
+    args = as_namespace(dpo_flags(cfg, model_path, pairs, out_dir))
+    strategy = make_strategy(args)
+    strategy.setup_distributed()
+    if is_complete(out):
+        strategy.print(f"{out / 'final'} is complete; nothing to do")
+        return
+    processor = load_processor(model_path, recipe.model.trust_remote_code)
+    _mirror_tokenizer_fields(processor)
+    policy = load_actor(model_path, cfg, strategy.get_ds_train_config(), True, recipe.model.trust_remote_code)
+    reference = load_actor(model_path, cfg, strategy.get_ds_eval_config(), False, recipe.model.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    dataset = MultimodalPreferenceDataset(pairs, processor, cfg.max_len)
+    loader = strategy.setup_dataloader(dataset, cfg.micro_batch, True, True, dataset.collate_fn)
+    steps_per_epoch = len(dataset) // cfg.batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"{len(dataset)} usable pairs in {pairs} is fewer than dpo.batch={cfg.batch}; "
+                         "lower dpo.batch or add pairs.")
+    schedule = dict(optim="adam", muon=vars(args.muon) if hasattr(args, "muon") else {}, adam=vars(args.adam),
+                    lr_scheduler=cfg.lr_scheduler, lr_warmup_ratio=cfg.warmup_ratio, min_lr_ratio=0.1,
+                    max_norm=cfg.max_norm, scheduler_steps=math.ceil(cfg.epochs * steps_per_epoch))
+    (policy, optimizer, scheduler), reference = strategy.prepare((policy, schedule), reference)
+
+    consumed = 0
+    if os.path.exists(args.ckpt.path):
+        load_path, states = strategy.load_ckpt(policy.model, args.ckpt.path)
+        if load_path is not None:
+            consumed = states["consumed_samples"]
+            strategy.print(f"resumed DPO from {load_path} ({consumed} pairs consumed)")
+    metrics_path = out / "dpo_metrics.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    if strategy.is_rank_0():
+        _truncate_metrics(metrics_path, consumed // cfg.batch)
+    trainer = MultimodalDPOTrainer(
+        model=policy, ref_model=reference, strategy=strategy, tokenizer=processor, optim=optimizer,
+        train_dataloader=loader, eval_dataloader=None, scheduler=scheduler, max_norm=cfg.max_norm, beta=cfg.beta,
+        max_epochs=cfg.epochs, loss=cfg.loss, alpha=cfg.alpha, kl_chunk=cfg.kl_chunk, metrics_path=str(metrics_path))
+    trainer.fit(args, consumed, steps_per_epoch)
+    _save_final(strategy, policy, processor, cfg, model_path, out / "final")
+    if strategy.is_rank_0():
+        shutil.rmtree(args.ckpt.path, ignore_errors=True)  # optimizer state is only for resuming this run
+
+
+def _truncate_metrics(path: Path, keep_until_step: int) -> None:
+    """Steps after the checkpoint we resume from are trained again: drop their old log lines."""
+    if not path.exists():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("global_step", 0) <= keep_until_step))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="one rank of csr train-dpo")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--model", help="model to train (default: model.path)")
+    parser.add_argument("--pairs", help="pairs JSONL (default: dpo.pairs)")
+    parser.add_argument("--out", help="output folder (default: output_dir)")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    if args.local_rank != -1:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    recipe = load_recipe(args.config, args.overrides)
+    train_dpo(recipe, args.model or recipe.model.path, args.pairs or recipe.dpo.pairs,
+              args.out or recipe.output_dir)
+
+
+if __name__ == "__main__":
+    main()

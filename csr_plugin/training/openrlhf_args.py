@@ -1,0 +1,57 @@
+"""Our `dpo:` recipe section as OpenRLHF's own dotted train_dpo flags.
+
+OpenRLHF's strategy and trainer read a hierarchical namespace built from these
+flags (``openrlhf.utils.config.hierarchize``); building the same flags here keeps
+every knob traceable to the OpenRLHF option it sets.
+"""
+from __future__ import annotations
+
+from argparse import Namespace
+from pathlib import Path
+
+from csr_plugin.config import DPOConfig
+from csr_plugin.training.device import on_gpu
+
+
+def param_dtype(cfg: DPOConfig) -> str:
+    """bf16 on GPU, fp32 on CPU (OpenRLHF's bf16/fp16 switches both off for fp32)."""
+    if cfg.dtype == "auto":
+        return "bf16" if on_gpu() else "fp32"
+    return cfg.dtype
+
+
+def dpo_flags(cfg: DPOConfig, model_path: str, pairs: str, out_dir: str) -> dict:
+    out = Path(out_dir)
+    return {
+        "model.model_name_or_path": model_path, "ref.model_name_or_path": model_path,
+        "data.dataset": pairs, "data.max_len": cfg.max_len,
+        "ckpt.output_dir": str(out / "final"), "ckpt.path": str(out / "ds_ckpt"),
+        "ckpt.save_steps": cfg.ckpt_steps if cfg.ckpt_steps > 0 else -1, "ckpt.load_enable": True,
+        "ckpt.save_hf": False, "ckpt.disable_ds": False, "ckpt.max_num": 1, "ckpt.max_mem": int(1e8),
+        "logger.logging_steps": 1, "eval.steps": -1, "eval.dataset": None,
+        "train.micro_batch_size": cfg.micro_batch, "train.batch_size": cfg.batch, "train.max_epochs": cfg.epochs,
+        "train.seed": cfg.seed, "train.full_determinism_enable": False,
+        "ds.zero_stage": cfg.zero_stage, "ds.param_dtype": param_dtype(cfg), "ds.attn_implementation":
+            cfg.attn_implementation, "ds.use_universal_ckpt": False, "ds.deepcompile": False, "ds.zpg": 1,
+        "ds.adam_offload": False, "ds.grad_accum_dtype": None, "ds.overlap_comm": False,
+        "ds.tensor_parallel_size": 1, "ds.ring_attn_size": 1, "ds.packing_samples": False,
+        "ds.load_in_4bit": False, "ds.use_liger_kernel": False,
+        "ds.lora.rank": cfg.lora_rank, "ds.lora.alpha": cfg.lora_alpha, "ds.lora.dropout": cfg.lora_dropout,
+        "ds.lora.target_modules": cfg.lora_targets,
+        "model.gradient_checkpointing_enable": cfg.gradient_checkpointing,
+        "model.gradient_checkpointing_reentrant": False,
+        "model.beta": cfg.beta, "model.ipo_enable": cfg.loss == "ipo", "model.label_smoothing": cfg.label_smoothing,
+        "model.aux_loss_coef": 0.0, "model.nll_loss_coef": 0.0,
+        "optim": "adam", "adam.lr": cfg.lr, "adam.betas": (0.9, 0.95), "adam.eps": 1e-8,
+        "adam.weight_decay": cfg.weight_decay, "lr_scheduler": cfg.lr_scheduler, "lr_warmup_ratio": cfg.warmup_ratio,
+        "min_lr_ratio": 0.1, "max_norm": cfg.max_norm,
+        "ref.offload": False, "local_rank": -1,
+        "logger.wandb.key": None, "logger.wandb.org": None, "logger.wandb.group": None,
+        "logger.wandb.project": "csr_dpo", "logger.wandb.run_name": out.name, "logger.tensorboard_dir": None,
+    }
+
+
+def as_namespace(flags: dict):
+    from openrlhf.utils.config import hierarchize
+
+    return hierarchize(Namespace(**flags))

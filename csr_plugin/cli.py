@@ -47,6 +47,14 @@ def _cmd_train_dpo(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from csr_plugin.pipeline import run, summary_table
+
+    rows = run(args.config, args.overrides)
+    print(summary_table(rows))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from csr_plugin.toy.quickstart import run_quick_demo
 
@@ -82,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="recipe YAML with a `dpo` section")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
     p.set_defaults(func=_cmd_train_dpo)
+
+    p = sub.add_parser("run", help="the iterative CSR loop: sample -> curate -> DPO, T times, resumable",
+                       description="Writes iter_<t>/ folders, metrics.jsonl and metrics.png under output_dir.")
+    p.add_argument("--config", required=True, help="recipe YAML with `loop` and `dpo` sections")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("demo", help="quick demo: tiny offline models, sampling + curation, a few pairs printed")
     p.add_argument("--config", default="recipes/tiny.yaml", help="recipe (default: recipes/tiny.yaml)")

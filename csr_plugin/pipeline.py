@@ -1,0 +1,156 @@
+"""`csr run`: the iterative CSR loop, resumable at every stage.
+
+For t = 1..T: sample with iterate t-1 -> curate -> DPO with reference iterate t-1
+-> iterate t. Layout under ``output_dir``::
+
+    iter_<t>/trees.jsonl, errors.jsonl   sampling (resumable by itself)
+    iter_<t>/pairs.jsonl                 curation (atomic; recomputed from the trees)
+    iter_<t>/dpo/final/                  the new iterate (``.complete`` once whole)
+    iter_<t>/timing.jsonl                wall time of every stage attempt
+    metrics.jsonl, metrics.png           one row per finished iteration
+
+Rerunning after a kill anywhere continues where it stopped: finished trees are
+kept, a DPO run resumes from its last DeepSpeed checkpoint, finished stages are skipped.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from pathlib import Path
+
+from csr_plugin.config import Recipe, load_recipe
+from csr_plugin.curation import curate_file
+from csr_plugin.jsonl import JsonlAppender, load_records, write_jsonl_atomic
+
+log = logging.getLogger(__name__)
+
+
+def iterate_path(recipe: Recipe, t: int) -> str:
+    """Model of iterate t (0 = the starting model)."""
+    return recipe.model.path if t == 0 else str(Path(recipe.output_dir) / f"iter_{t}" / "dpo" / "final")
+
+
+class _Timer:
+    def __init__(self, folder: Path, stage: str):
+        self.path, self.stage = folder / "timing.jsonl", stage
+
+    def __enter__(self):
+        self.start = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        with JsonlAppender(self.path) as out:
+            out.append({"stage": self.stage, "seconds": round(time.monotonic() - self.start, 3),
+                        "finished": exc[0] is None})
+
+
+def _sample_stage(recipe: Recipe, t: int, folder: Path):
+    import dataclasses
+
+    from csr_plugin.sampling import sample
+
+    model = dataclasses.replace(recipe.model, path=iterate_path(recipe, t - 1))
+    # a fresh draw per iteration, reproducible per (seed, iteration)
+    search = dataclasses.replace(recipe.search, seed=recipe.search.seed + 1000 * t)
+    stage_recipe = dataclasses.replace(recipe, model=model, search=search, output_dir=str(folder))
+    with _Timer(folder, "sample"):
+        summary = sample(stage_recipe)
+    log.info("iteration %d sampling: %s", t, summary)
+    gc.collect()
+    try:
+        import torch
+
+        torch.cuda.empty_cache()  # the DPO ranks need the GPU the sampler used
+    except Exception:  # noqa: BLE001 - no CUDA
+        pass
+    return summary
+
+
+def _iteration_metrics(t: int, folder: Path, curation) -> dict:
+    from csr_plugin.training.trainer import metrics_summary
+
+    pairs = load_records(folder / "pairs.jsonl")
+    mean = lambda key: sum(p[key] for p in pairs) / len(pairs) if pairs else None  # noqa: E731
+    times: dict[str, float] = {}
+    for row in load_records(folder / "timing.jsonl"):
+        times[row["stage"]] = times.get(row["stage"], 0.0) + row["seconds"]
+    errors = {r["id"] for r in load_records(folder / "errors.jsonl")}
+    return {
+        "iteration": t,
+        "prompts_sampled": len(load_records(folder / "trees.jsonl")), "prompts_skipped": len(errors),
+        "pairs": curation.pairs, "pairs_skipped": sum(curation.skipped.values()),
+        "chosen_reward": mean("chosen_reward"), "rejected_reward": mean("rejected_reward"),
+        "reward_margin": (mean("chosen_reward") - mean("rejected_reward")) if pairs else None,
+        "chosen_r_i": mean("chosen_r_i"), "rejected_r_i": mean("rejected_r_i"),
+        **{f"dpo_{k}": v for k, v in metrics_summary(str(folder / "dpo" / "dpo_metrics.jsonl")).items()},
+        **{f"seconds_{stage}": round(s, 2) for stage, s in times.items()},
+    }
+
+
+def run(config_path: str, overrides: list[str] | None = None) -> list[dict]:
+    from csr_plugin.training.dpo_main import is_complete
+    from csr_plugin.training.launch import run_dpo
+
+    overrides = list(overrides or [])
+    recipe = load_recipe(config_path, overrides)
+    out = Path(recipe.output_dir)
+    rows = []
+    for t in range(1, recipe.loop.iterations + 1):
+        folder = out / f"iter_{t}"
+        folder.mkdir(parents=True, exist_ok=True)
+        dpo_dir = folder / "dpo"
+        if not is_complete(dpo_dir):
+            _sample_stage(recipe, t, folder)
+        with _Timer(folder, "curate"):
+            curation = curate_file(folder / "trees.jsonl", folder / "pairs.jsonl", recipe.curation)
+        log.info("iteration %d curation: %s", t, curation)
+        if not is_complete(dpo_dir):
+            if curation.pairs < recipe.dpo.batch:
+                raise RuntimeError(f"iteration {t}: {curation.pairs} pairs is fewer than dpo.batch="
+                                   f"{recipe.dpo.batch}; sample more prompts or lower dpo.batch.")
+            with _Timer(folder, "dpo"):
+                code = run_dpo(recipe, config_path, overrides, iterate_path(recipe, t - 1),
+                               str(folder / "pairs.jsonl"), str(dpo_dir))
+            if code != 0:
+                raise RuntimeError(f"iteration {t}: DPO exited with code {code}; rerun `csr run` to resume.")
+        rows.append(_iteration_metrics(t, folder, curation))
+        write_jsonl_atomic(out / "metrics.jsonl", rows)
+        plot_metrics(rows, out / "metrics.png")
+    return rows
+
+
+def plot_metrics(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("pairs", ["pairs", "pairs_skipped"]), ("calibrated reward", ["chosen_reward", "rejected_reward"]),
+              ("image relevance R_I", ["chosen_r_i", "rejected_r_i"]),
+              ("DPO (last step)", ["dpo_last_loss_mean", "dpo_last_acc_mean"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    iterations = [r["iteration"] for r in rows]
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            values = [r.get(key) for r in rows]
+            if any(v is not None for v in values):
+                ax.plot(iterations, [float("nan") if v is None else v for v in values], marker="o", label=key)
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.set_xticks(iterations)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary_table(rows: list[dict]) -> str:
+    lines = [f"{'iter':>4} {'pairs':>6} {'margin':>8} {'R_I+':>7} {'R_I-':>7} {'dpo loss':>9} {'dpo acc':>8}"]
+    fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "-"  # noqa: E731
+    for r in rows:
+        lines.append(f"{r['iteration']:>4} {r['pairs']:>6} {fmt(r['reward_margin'], '8.3f')} "
+                     f"{fmt(r['chosen_r_i'], '7.2f')} {fmt(r['rejected_r_i'], '7.2f')} "
+                     f"{fmt(r.get('dpo_last_loss_mean'), '9.4f')} {fmt(r.get('dpo_last_acc_mean'), '8.2f')}")
+    return "\n".join(lines)
+

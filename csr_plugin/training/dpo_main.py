@@ -130,6 +130,10 @@ def train_dpo(recipe: Recipe, model_path: str, pairs: str, out_dir: str) -> None
                     lr_scheduler=cfg.lr_scheduler, lr_warmup_ratio=cfg.warmup_ratio, min_lr_ratio=0.1,
                     max_norm=cfg.max_norm, scheduler_steps=math.ceil(cfg.epochs * steps_per_epoch))
     (policy, optimizer, scheduler), reference = strategy.prepare((policy, schedule), reference)
+    partitioned = [p for p in policy.model.module.parameters() if hasattr(p, "ds_tensor")]
+    if partitioned:
+        held, total = sum(p.ds_tensor.numel() for p in partitioned), sum(p.ds_numel for p in partitioned)
+        strategy.print(f"ZeRO-3: rank 0 holds {held}/{total} parameter elements ({held / total:.3f})")
 
     consumed = 0
     if os.path.exists(args.ckpt.path):

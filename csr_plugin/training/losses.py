@@ -14,6 +14,11 @@ import torch
 import torch.nn.functional as F
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits to fp32 for the softmax; fp32 and fp64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class _ChunkedSequenceKL(torch.autograd.Function):
     """sum_t mask_t * KL(softmax(ref_t) || softmax(policy_t)), per sequence, a chunk of positions at a time.
 
@@ -27,11 +32,12 @@ class _ChunkedSequenceKL(torch.autograd.Function):
     def forward(ctx, policy_logits, ref_logits, mask, chunk):
         ctx.save_for_backward(policy_logits, ref_logits, mask)
         ctx.chunk = chunk
-        total = torch.zeros(policy_logits.shape[0], dtype=torch.float32, device=policy_logits.device)
+        total = torch.zeros(policy_logits.shape[0], dtype=_upcast(policy_logits[:0]).dtype,
+                            device=policy_logits.device)
         for start in range(0, policy_logits.shape[1], chunk):
             window = slice(start, start + chunk)
-            ref_logp = ref_logits[:, window].float().log_softmax(-1)
-            policy_logp = policy_logits[:, window].float().log_softmax(-1)
+            ref_logp = _upcast(ref_logits[:, window]).log_softmax(-1)
+            policy_logp = _upcast(policy_logits[:, window]).log_softmax(-1)
             kl = (ref_logp.exp() * (ref_logp - policy_logp)).sum(-1)
             total += (kl * mask[:, window]).sum(-1)
         return total
@@ -42,7 +48,7 @@ class _ChunkedSequenceKL(torch.autograd.Function):
         grad = torch.zeros_like(policy_logits)
         for start in range(0, policy_logits.shape[1], ctx.chunk):
             window = slice(start, start + ctx.chunk)
-            diff = policy_logits[:, window].float().softmax(-1) - ref_logits[:, window].float().softmax(-1)
+            diff = _upcast(policy_logits[:, window]).softmax(-1) - _upcast(ref_logits[:, window]).softmax(-1)
             scale = (grad_total[:, None] * mask[:, window])[..., None]
             grad[:, window] = (diff * scale).to(grad.dtype)
         return grad, None, None, None
@@ -51,7 +57,8 @@ class _ChunkedSequenceKL(torch.autograd.Function):
 def sequence_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor,
                 chunk: int = 256) -> torch.Tensor:
     """Per-sequence sum of KL(pi_ref || pi) over positions where ``mask`` is 1 ([batch, length] each)."""
-    return _ChunkedSequenceKL.apply(policy_logits, ref_logits.detach(), mask.float(), chunk)
+    return _ChunkedSequenceKL.apply(policy_logits, ref_logits.detach(), mask.to(_upcast(policy_logits[:0]).dtype),
+                                    chunk)
 
 
 def tdpo_loss(chosen_margin: torch.Tensor, rejected_margin: torch.Tensor, chosen_kl: torch.Tensor,

@@ -31,6 +31,13 @@ def is_complete(out_dir: str | Path) -> bool:
     return (Path(out_dir) / "final" / COMPLETE).exists()
 
 
+def _vision_tower(model):
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("vision_tower", "visual", "vision_model"):
+            return module
+    return None
+
+
 def _language_model_linears(model) -> list[str]:
     """Names of the language model's linear layers: LoRA adapts the LM, not the vision tower or the head."""
     return [name for name, module in model.named_modules()
@@ -66,6 +73,13 @@ def load_actor(path: str, cfg: DPOConfig, ds_config: dict, trainable: bool, trus
                                                  lora_dropout=cfg.lora_dropout, target_modules=targets,
                                                  bias="none"))
     set_z3_leaf_modules(model, detect_hybrid=False)
+    tower = _vision_tower(model)
+    if tower is not None and ds_config["zero_optimization"]["stage"] == 3:
+        # ZeRO-3 gathers parameters one collective per tensor; a vision tower is hundreds of small
+        # tensors used once per forward. As a leaf it is gathered in one go.
+        from deepspeed.utils import set_z3_leaf_modules as set_leaf
+
+        set_leaf(model, [type(tower)])
     model.config.use_cache = False
     actor = Actor(model)
     actor.is_vlm, actor._vlm_config, actor.packing_samples = True, model.config, False

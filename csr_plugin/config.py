@@ -206,6 +206,25 @@ class LoopConfig:
 
 
 @dataclass
+class EvalConfig:
+    prompts: str = _help("Evaluation prompts JSONL ({id, image, question}); empty = no evaluation.", default="")
+    truth: str = _help("Ground truth JSONL: {id, objects: [canonical object names]}.", default="")
+    vocabulary: str = _help("Object vocabulary with synonyms: JSON {\"objects\": {name: [forms]}}.", default="")
+    pope_per_image: int = _help("POPE yes and no questions per image and setting.", default=1)
+    max_new_tokens: int = _help("Longest description generated for CHAIR.", default=64)
+    batch: int = _help("Images per generation batch.", default=32)
+    limit: Optional[int] = _help("Evaluate only the first N prompts (null = all).", default=None)
+    seed: int = _help("POPE sampling seed.", default=0)
+
+    def validate(self, where: str) -> None:
+        if self.prompts and not (self.truth and self.vocabulary):
+            raise ConfigError(f"`{where}.prompts` is set: `{where}.truth` and `{where}.vocabulary` are needed too.")
+        for name in ("pope_per_image", "max_new_tokens", "batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"`{where}.{name}` must be >= 1, got {getattr(self, name)}.")
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
@@ -216,6 +235,7 @@ class Recipe:
     curation: CurationConfig = field(default_factory=CurationConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # YAML keys that are Python keywords are stored with a trailing underscore.

@@ -8,6 +8,8 @@ For t = 1..T: sample with iterate t-1 -> curate -> DPO with reference iterate t-
     iter_<t>/dpo/final/                  the new iterate (``.complete`` once whole)
     iter_<t>/timing.jsonl                wall time of every stage attempt
     metrics.jsonl, metrics.png           one row per finished iteration
+    results.json                         hallucination per iterate, 0 = the starting model
+                                         (with an ``eval`` section: CHAIR and POPE)
 
 Rerunning after a kill anywhere continues where it stopped: finished trees are
 kept, a DPO run resumes from its last DeepSpeed checkpoint, finished stages are skipped.
@@ -15,6 +17,7 @@ kept, a DPO run resumes from its last DeepSpeed checkpoint, finished stages are 
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import time
 from pathlib import Path
@@ -88,14 +91,31 @@ def _iteration_metrics(t: int, folder: Path, curation) -> dict:
     }
 
 
-def run(config_path: str, overrides: list[str] | None = None) -> list[dict]:
+def _evaluate_iterate(recipe: Recipe, t: int, path: Path) -> dict:
+    import dataclasses
+
+    from csr_plugin.eval.evaluate import evaluate_cached
+
+    result = evaluate_cached(dataclasses.replace(recipe.model, path=iterate_path(recipe, t)), recipe.eval, path)
+    return {"iteration": t, "chair_s": result["chair_s"], "chair_i": result["chair_i"],
+            "pope_f1": result["pope_f1"], "object_recall": result["object_recall"],
+            "pope_adversarial_f1": result["pope_adversarial"]["f1"]}
+
+
+def run(config_path: str, overrides: list[str] | None = None, on_iteration=None) -> list[dict]:
+    """All iterations; ``on_iteration(row)`` is called as each one finishes (the demo prints it)."""
     from csr_plugin.training.dpo_main import is_complete
     from csr_plugin.training.launch import run_dpo
 
     overrides = list(overrides or [])
     recipe = load_recipe(config_path, overrides)
     out = Path(recipe.output_dir)
-    rows = []
+    out.mkdir(parents=True, exist_ok=True)
+    rows, hallucination = [], []
+    if recipe.eval.prompts:
+        hallucination.append(_evaluate_iterate(recipe, 0, out / "eval_base.json"))
+        if on_iteration:
+            on_iteration({**hallucination[0]})
     for t in range(1, recipe.loop.iterations + 1):
         folder = out / f"iter_{t}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -114,13 +134,26 @@ def run(config_path: str, overrides: list[str] | None = None) -> list[dict]:
                                str(folder / "pairs.jsonl"), str(dpo_dir))
             if code != 0:
                 raise RuntimeError(f"iteration {t}: DPO exited with code {code}; rerun `csr run` to resume.")
-        rows.append(_iteration_metrics(t, folder, curation))
+        row = _iteration_metrics(t, folder, curation)
+        if recipe.eval.prompts:
+            hallucination.append(_evaluate_iterate(recipe, t, folder / "eval.json"))
+            row.update({k: v for k, v in hallucination[-1].items() if k != "iteration"})
+            _write_results(out / "results.json", hallucination)
+        rows.append(row)
         write_jsonl_atomic(out / "metrics.jsonl", rows)
-        plot_metrics(rows, out / "metrics.png")
+        plot_metrics(rows, out / "metrics.png", hallucination)
+        if on_iteration:
+            on_iteration(row)
     return rows
 
 
-def plot_metrics(rows: list[dict], path: Path) -> None:
+def _write_results(path: Path, hallucination: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"iterations": hallucination}, indent=2))
+    tmp.replace(path)
+
+
+def plot_metrics(rows: list[dict], path: Path, hallucination: list[dict] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,11 +162,15 @@ def plot_metrics(rows: list[dict], path: Path) -> None:
     panels = [("pairs", ["pairs", "pairs_skipped"]), ("calibrated reward", ["chosen_reward", "rejected_reward"]),
               ("image relevance R_I", ["chosen_r_i", "rejected_r_i"]),
               ("DPO (last step)", ["dpo_last_loss_mean", "dpo_last_acc_mean"])]
+    series = [rows] * len(panels)
+    if hallucination:  # iterate 0 (the starting model) included
+        panels.append(("hallucination", ["chair_s", "chair_i", "pope_f1"]))
+        series.append(hallucination)
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    iterations = [r["iteration"] for r in rows]
-    for ax, (title, keys) in zip(axes, panels):
+    for ax, (title, keys), data in zip(axes, panels, series):
+        iterations = [r["iteration"] for r in data]
         for key in keys:
-            values = [r.get(key) for r in rows]
+            values = [r.get(key) for r in data]
             if any(v is not None for v in values):
                 ax.plot(iterations, [float("nan") if v is None else v for v in values], marker="o", label=key)
         ax.set_title(title)

@@ -1,9 +1,9 @@
-"""Tiny offline assets and the quick demo: sampling + curation on tiny models built on the fly.
+"""Tiny random-weight assets for tests and benchmarks, built offline on the fly.
 
 Everything lands under one folder (default ``.cache/tiny``), built once: a tiny
 LLaVA-architecture VLM, a tiny open_clip model, and a few prompts about images
-of coloured shapes. The models have random weights: the demo shows the
-pipeline's data flow, not CSR's effect.
+of coloured shapes. Random weights: they exercise every code path fast; the toy
+world (csr_plugin/toy/world.py) is where CSR's effect is measured.
 """
 from __future__ import annotations
 
@@ -59,22 +59,3 @@ def prepare_tiny_assets(root: str | Path = ".cache/tiny", n_prompts: int = 16) -
         write_prompts(root / "prompts", n_prompts)
     return root
 
-
-def run_quick_demo(recipe_path: str = "recipes/tiny.yaml", overrides: list[str] | None = None,
-                   show: int = 3) -> None:
-    from csr_plugin.config import load_recipe
-    from csr_plugin.curation import curate_file
-    from csr_plugin.sampling import sample
-
-    recipe = load_recipe(recipe_path, overrides)
-    prepare_tiny_assets(Path(recipe.model.path).parent)
-    print(sample(recipe))
-    out = Path(recipe.output_dir)
-    print(curate_file(out / "trees.jsonl", out / "pairs.jsonl", recipe.curation))
-    with open(out / "pairs.jsonl") as f:
-        for line in list(f)[:show]:
-            pair = json.loads(line)
-            print(f"\n[{pair['id']}] {pair['prompt'][0]['content'][1]['text']}")
-            print(f"  chosen   ({pair['chosen_reward']:+.2f}): {pair['chosen'][0]['content'][0]['text'][:120]!r}")
-            print(f"  rejected ({pair['rejected_reward']:+.2f}): {pair['rejected'][0]['content'][0]['text'][:120]!r}")
-    print(f"\npairs: {out / 'pairs.jsonl'}  (random-weight models: text is noise, the data flow is real)")

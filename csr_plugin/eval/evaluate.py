@@ -1,0 +1,96 @@
+"""Hallucination of a checkpoint: CHAIR on free descriptions, POPE on yes/no probes.
+
+Works on any checkpoint AutoModelForImageTextToText loads. The evaluation set is a
+prompts JSONL ({id, image, question}) plus a truth JSONL ({id, objects: [canonical
+names]}) and an object vocabulary with synonyms (JSON), so a COCO object list and
+its annotations plug in the same way as the toy world's.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from csr_plugin.config import EvalConfig, ModelConfig
+from csr_plugin.eval.chair import chair, object_recall
+from csr_plugin.eval.objects import ObjectVocabulary
+from csr_plugin.eval.pope import build_pope, parse_yes_no, pope_metrics
+from csr_plugin.jsonl import load_records
+
+log = logging.getLogger(__name__)
+POPE_SETTINGS = ("random", "popular", "adversarial")
+
+
+def _prompt(processor, question: str) -> str:
+    from csr_plugin.multimodal import LLAVA_PROMPT
+
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return LLAVA_PROMPT.format(image=getattr(processor, "image_token", "<image>"), question=question)
+
+
+@torch.inference_mode()
+def generate(model, processor, items: list[tuple], max_new_tokens: int, batch: int, desc: str) -> list[str]:
+    """Greedy answers for (PIL image, question) items, batched with left padding."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = "left"
+    answers = []
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(items), batch), desc=desc, unit="batch", leave=False):
+        chunk = items[start:start + batch]
+        inputs = processor(images=[image for image, _ in chunk], text=[_prompt(processor, q) for _, q in chunk],
+                           padding=True, return_tensors="pt").to(device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        answers += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [a.strip() for a in answers]
+
+
+def evaluate(model_cfg: ModelConfig, cfg: EvalConfig) -> dict:
+    from csr_plugin.sampler.transformers_engine import load_vlm
+    from csr_plugin.sampling import load_image, load_prompts
+
+    prompts, bad = load_prompts(cfg.prompts, cfg.limit)
+    if bad:
+        log.warning("%d evaluation prompts unusable, first: %s", len(bad), bad[0])
+    truth = {str(r["id"]): set(r["objects"]) for r in load_records(cfg.truth)}
+    missing = [p.id for p in prompts if p.id not in truth]
+    if missing:
+        raise ValueError(f"eval.truth {cfg.truth!r} has no objects for {len(missing)} prompts, e.g. {missing[0]!r}")
+    vocab = ObjectVocabulary.from_json(cfg.vocabulary)
+    model, processor = load_vlm(model_cfg)
+    images = {p.id: load_image(p.image) for p in prompts}
+
+    descriptions = generate(model, processor, [(images[p.id], p.question) for p in prompts], cfg.max_new_tokens,
+                            cfg.batch, "CHAIR")
+    truths = [truth[p.id] for p in prompts]
+    result = {**chair(descriptions, truths, vocab), "object_recall": object_recall(descriptions, truths, vocab)}
+
+    image_truth = {p.id: truth[p.id] for p in prompts}
+    for setting in POPE_SETTINGS:
+        questions = build_pope(image_truth, vocab.objects, setting, cfg.pope_per_image, seed=cfg.seed)
+        answers = generate(model, processor, [(images[q.image_id], q.text()) for q in questions], 8, cfg.batch,
+                           f"POPE {setting}")
+        result[f"pope_{setting}"] = pope_metrics([parse_yes_no(a) for a in answers], [q.label for q in questions])
+    result["pope_f1"] = sum(result[f"pope_{s}"]["f1"] for s in POPE_SETTINGS) / len(POPE_SETTINGS)
+    result["samples"] = [{"id": p.id, "response": d, "objects": sorted(truth[p.id])}
+                         for p, d in list(zip(prompts, descriptions))[:5]]
+    del model
+    return result
+
+
+def evaluate_cached(model_cfg: ModelConfig, cfg: EvalConfig, path: Path) -> dict:
+    """Evaluate once per checkpoint: the result file makes a rerun free."""
+    if path.exists():
+        return json.loads(path.read_text())
+    result = evaluate(model_cfg, cfg)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+    return result

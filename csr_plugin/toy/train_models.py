@@ -1,0 +1,143 @@
+"""Train the toy world's tiny CLIP (contrastive) and tiny LLaVA (SFT) on CPU, deterministically.
+
+Both are built with the real builders (open_clip from a model-config JSON; transformers'
+LlavaForConditionalGeneration) and saved in the standard formats, so every later stage
+loads them exactly as it would load ViT-L/14-336 and LLaVA-1.5-7B.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from csr_plugin.toy import world
+from csr_plugin.toy.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
+
+CLIP_NAME = "toy-clip"
+
+
+def clip_config() -> dict:
+    return {"embed_dim": 64,
+            "vision_cfg": {"image_size": world.IMAGE_SIZE, "layers": 3, "width": 96, "head_width": 32,
+                           "patch_size": 8},
+            "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 96, "heads": 3, "layers": 3}}
+
+
+def train_clip(scenes: list[world.Scene], out_dir: Path, steps: int, seed: int, batch: int = 64) -> tuple[Path, Path]:
+    """Contrastive training on (image, one of its sentences) pairs."""
+    import open_clip
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / f"{CLIP_NAME}.json"
+    config_path.write_text(json.dumps(clip_config(), indent=2))
+    open_clip.add_model_config(config_path)
+    torch.manual_seed(seed)
+    model, _, preprocess = open_clip.create_model_and_transforms(CLIP_NAME, pretrained=None)
+    tokenizer = open_clip.get_tokenizer(CLIP_NAME)
+    images = torch.stack([preprocess(s.draw()) for s in scenes])
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    model.train()
+    for _ in tqdm(range(steps), desc="toy CLIP", unit="step"):
+        index = rng.sample(range(len(scenes)), batch)
+        sentences = [rng.choice(scenes[i].caption_sentences()) for i in index]
+        image_emb = model.encode_image(images[index], normalize=True)
+        text_emb = model.encode_text(tokenizer(sentences), normalize=True)
+        logits = model.logit_scale.exp() * image_emb @ text_emb.T          # [image, text]
+        # a sentence can fit several images of a batch: soft targets over everything it fits
+        fits = torch.tensor([[float(t in scenes[j].caption_sentences()) for t in sentences] for j in index])
+        loss = (F.cross_entropy(logits, fits / fits.sum(1, keepdim=True))
+                + F.cross_entropy(logits.T, fits.T / fits.T.sum(1, keepdim=True))) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    weights = out_dir / f"{CLIP_NAME}.pt"
+    torch.save(model.state_dict(), weights)
+    return config_path, weights
+
+
+def build_vlm(out_dir: Path, scenes: list[world.Scene], seed: int):
+    """A fresh tiny LLaVA with a tokenizer trained on the world's text; (model, processor)."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tokenizer = build_tokenizer(world.corpus(scenes[:2000]), vocab_size=320)
+    torch.manual_seed(seed)
+    patch = 8
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=world.IMAGE_SIZE, patch_size=patch, projection_dim=64)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                         image_seq_length=(world.IMAGE_SIZE // patch) ** 2, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": world.IMAGE_SIZE},
+                                           crop_size={"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE}),
+        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1)
+    return model, processor
+
+
+def sft_examples(scenes: list[world.Scene], seed: int) -> list[tuple[int, str, str]]:
+    """(scene index, question, answer): a caption and two yes/no probes per scene."""
+    rng = random.Random(seed)
+    examples = []
+    for i, scene in enumerate(scenes):
+        examples.append((i, rng.choice(world.DESCRIBE), scene.caption()))
+        examples.extend((i, q, a) for q, a in world.pope_sft_answers(scene, rng))
+    return examples
+
+
+def train_vlm(scenes: list[world.Scene], out_dir: Path, steps: int, seed: int, batch: int = 32) -> Path:
+    """Supervised fine-tuning on captions and yes/no probes; loss on the answer tokens only."""
+    model, processor = build_vlm(out_dir, scenes, seed)
+    tokenizer = processor.tokenizer
+    examples = sft_examples(scenes, seed)
+    pixels = processor.image_processor([s.draw() for s in scenes], return_tensors="pt")["pixel_values"]
+    image_text = {q: processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+        add_generation_prompt=True, tokenize=False) for q in {q for _, q, _ in examples}}
+    prompt_ids = {q: processor(images=scenes[0].draw(), text=t)["input_ids"][0] for q, t in image_text.items()}
+    answer_ids = {a: tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                  for a in {a for _, _, a in examples}}
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / 50) * 0.5 * (1 + math.cos(math.pi * i / steps)))
+    model.train()
+    for _ in tqdm(range(steps), desc="toy VLM (SFT)", unit="step"):
+        chosen = [examples[k] for k in rng.sample(range(len(examples)), batch)]
+        seqs = [(list(prompt_ids[q]), answer_ids[a]) for _, q, a in chosen]
+        width = max(len(p) + len(a) for p, a in seqs)
+        ids = torch.full((batch, width), tokenizer.pad_token_id)
+        labels = torch.full((batch, width), -100)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for row, (p, a) in enumerate(seqs):
+            ids[row, :len(p) + len(a)] = torch.tensor(p + a)
+            labels[row, len(p):len(p) + len(a)] = torch.tensor(a)
+            mask[row, :len(p) + len(a)] = 1
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels[[i for i, _, _ in chosen]],
+                    labels=labels)
+        optimizer.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir

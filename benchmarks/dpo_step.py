@@ -77,7 +77,6 @@ def time_steps(strategy, trainer, args, steps_per_epoch: int) -> list[float]:
 
 def worker(opts) -> None:
     import datasets
-    import torch
 
     from csr_plugin.training.device import make_strategy  # first: it prepares openrlhf's import on CPU
     from openrlhf.models import Actor

@@ -55,10 +55,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve_reward(args: argparse.Namespace) -> int:
+    from csr_plugin.openrlhf.reward_server import serve
+
+    recipe = load_recipe(args.config, args.overrides)
+    ready = lambda server: print(f"CSR reward server on http://{server.host}:{server.port}/get_reward "  # noqa: E731
+                                 "(OpenRLHF: --reward.remote_url that URL)", flush=True)
+    serve(recipe, args.host, args.port, args.max_batch, args.max_queue, args.timeout, ready=ready)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from csr_plugin.toy.demo import run_demo
 
-    run_demo(args.output, args.seed, args.iterations, args.lambda_, args.config, extra=args.overrides)
+    run_demo(args.output, args.seed, args.iterations, args.lambda_, args.config, extra=args.overrides,
+             size="quick" if args.quick else "full")
     return 0
 
 
@@ -123,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("serve-reward", help="HTTP server for OpenRLHF's --reward.remote_url: calibrated rewards",
+                       description="POST /get_reward {query, prompts, labels} -> {rewards, scores}; the image "
+                                   "travels in each label as {\"image\": path} or a plain path.")
+    p.add_argument("--config", required=True, help="recipe YAML (model, clip, reward, search.delimiters)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--max-batch", type=int, default=64, help="responses per scoring forward")
+    p.add_argument("--max-queue", type=int, default=1024, help="requests waiting before a 503")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds before a waiting request gets a 504")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    p.set_defaults(func=_cmd_serve_reward)
+
     p = sub.add_parser("demo", help="the toy world end to end: CSR iterations lower measured hallucination",
                        description="Builds the toy world and its tiny models once, then runs CSR iterations "
                                    "through the real pipeline and prints CHAIR / POPE per iteration.")
@@ -131,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=3, help="CSR iterations T (default: 3)")
     p.add_argument("--lambda", dest="lambda_", type=float, default=0.9, help="CLIP weight (default: 0.9)")
     p.add_argument("--config", default="recipes/toy.yaml", help="recipe (default: recipes/toy.yaml)")
+    p.add_argument("--quick", action="store_true", help="a smaller world and weaker models built in about a minute")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
     p.set_defaults(func=_cmd_demo)
     return parser

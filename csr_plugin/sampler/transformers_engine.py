@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from csr_plugin.config import ModelConfig, SearchConfig
 from csr_plugin.multimodal import LLAVA_PROMPT, concat_image_inputs

@@ -14,24 +14,28 @@ from pathlib import Path
 
 from csr_plugin.toy import world
 
-SPLIT_SIZES = {"sft": 4000, "csr": 96, "eval": 150}
+# Split sizes and training steps: the full demo, and a quick one (CI, smoke tests) whose models
+# are weaker but built in about a minute.
+SIZES = {"full": {"sft": 4000, "csr": 256, "eval": 150, "clip_steps": 600, "vlm_steps": 1500},
+         "quick": {"sft": 1500, "csr": 32, "eval": 40, "clip_steps": 150, "vlm_steps": 300}}
 
 
-def prepare_toy(root: str | Path, seed: int, clip_steps: int = 600, vlm_steps: int = 800) -> Path:
-    """World splits and trained tiny models under ``root/seed<N>``; each piece built once."""
+def prepare_toy(root: str | Path, seed: int, size: str = "full") -> Path:
+    """World splits and trained tiny models under ``root/seed<N>[-quick]``; each piece built once."""
     from csr_plugin.toy.train_models import train_clip, train_vlm
 
-    folder = Path(root) / f"seed{seed}"
+    sizes = SIZES[size]
+    folder = Path(root) / (f"seed{seed}" if size == "full" else f"seed{seed}-{size}")
     folder.mkdir(parents=True, exist_ok=True)
-    scenes = {split: world.make_split(split, n, seed) for split, n in SPLIT_SIZES.items()}
+    scenes = {split: world.make_split(split, sizes[split], seed) for split in ("sft", "csr", "eval")}
     for split in ("csr", "eval"):
         if not (folder / split / "truth.jsonl").exists():
             world.write_split(scenes[split], folder / split, seed)
     world.vocabulary_json(folder / "objects.json")
-    if not (folder / "clip" / f"{'toy-clip'}.pt").exists():
-        train_clip(scenes["sft"], folder / "clip", clip_steps, seed)
+    if not (folder / "clip" / "toy-clip.pt").exists():
+        train_clip(scenes["sft"], folder / "clip", sizes["clip_steps"], seed)
     if not (folder / "vlm" / "model.safetensors").exists():
-        train_vlm(scenes["sft"], folder / "vlm", vlm_steps, seed)
+        train_vlm(scenes["sft"], folder / "vlm", sizes["vlm_steps"], seed)
     return folder
 
 
@@ -54,12 +58,12 @@ def _print_row(row: dict) -> None:
 
 
 def run_demo(output: str, seed: int, iterations: int, lambda_: float, recipe: str = "recipes/toy.yaml",
-             cache: str = ".cache/toy", extra: list[str] | None = None) -> dict:
+             cache: str = ".cache/toy", extra: list[str] | None = None, size: str = "full") -> dict:
     from csr_plugin.pipeline import run
 
     started = time.monotonic()
     print(f"toy world, seed {seed}: building or loading the world and its tiny models ...", flush=True)
-    folder = prepare_toy(cache, seed)
+    folder = prepare_toy(cache, seed, size)
     print(f"ready in {time.monotonic() - started:.0f}s; {iterations} CSR iterations with lambda={lambda_}",
           flush=True)
     run(recipe, toy_overrides(folder, output, iterations, lambda_) + list(extra or []), on_iteration=_print_row)

@@ -21,7 +21,7 @@ import torch
 
 from csr_plugin.config import DPOConfig, Recipe, load_recipe
 from csr_plugin.training.device import make_strategy, partition_while_loading
-from csr_plugin.training.openrlhf_args import as_namespace, dpo_flags, param_dtype
+from csr_plugin.training.openrlhf_args import as_namespace, dpo_flags
 
 COMPLETE = ".complete"
 _VISION_PARTS = ("vision_tower", "vision_model", "visual.", "image_encoder")

@@ -1,0 +1,259 @@
+"""CSR's calibrated reward of a whole response, for OpenRLHF's reward hooks.
+
+CSR (arXiv 2405.14622) rewards sentences: R(s) = lambda * R_I(s) + (1 - lambda) * R_T(s).
+OpenRLHF takes one scalar per response (dense rewards are not supported), so a
+response is cut into sentences the way the search cuts them, each sentence is
+scored as in the search, and the response gets their mean
+(``curation.length_normalize: true``) or their sum.
+
+R_T comes from the recipe's ``model.path``, a frozen reward model, not from the
+actor being trained. Its per-token log-probs come from ONE teacher-forced
+forward per batch: prompt ids (the processor expands the image placeholder)
+followed by the response tokenized on its own, right-padded so every real
+token keeps its position.
+
+Tokens are mapped to sentences by character offsets (a fast tokenizer's
+``offset_mapping``): a token belongs to the sentence its first character falls
+in. That matches the search, where a sentence ends at the token carrying the
+delimiter and the next sentence's leading space rides on its first word; it is
+also linear, where decoding every cumulative prefix is quadratic per response.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from bisect import bisect_right
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+from csr_plugin.config import Recipe
+from csr_plugin.reward import calibrated_reward, instruction_score
+from csr_plugin.sampler.sentence_end import ends_sentence
+
+# Distinct images kept decoded (and prompts kept encoded): a PPO batch revisits each
+# prompt n_samples_per_prompt times, close together.
+_CACHE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class ResponseItem:
+    prompt_text: str    # the templated prompt as OpenRLHF decodes it, image placeholder included
+    response_text: str
+    image: str          # image path
+
+
+@dataclass
+class ScoredResponse:
+    reward: float
+    sentences: list[dict]  # {text, r_t, r_i, reward} per sentence
+
+    @property
+    def r_i(self) -> float:
+        """Mean image relevance of the sentences (0.0 for an empty response), for logging."""
+        return math.fsum(s["r_i"] for s in self.sentences) / len(self.sentences) if self.sentences else 0.0
+
+    @property
+    def r_t(self) -> float:
+        """Mean instruction score of the sentences (0.0 for an empty response), for logging."""
+        return math.fsum(s["r_t"] for s in self.sentences) / len(self.sentences) if self.sentences else 0.0
+
+
+def sentence_spans(text: str, delimiters: Sequence[str]) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the sentences of ``text``.
+
+    A sentence ends where the text so far ends with a delimiter (closing quotes or
+    brackets allowed) followed by whitespace or the end, as ``ends_sentence``
+    decides in the search ('3.5' does not end one). Whitespace goes to the next
+    sentence; a trailing fragment without delimiter is a last sentence, a
+    whitespace-only tail is none.
+    """
+    spans, start = [], 0
+    for end in range(1, len(text) + 1):
+        if (end == len(text) or text[end].isspace()) and ends_sentence(text[start:end], delimiters):
+            spans.append((start, end))
+            start = end
+    if text[start:].strip():
+        spans.append((start, len(text)))
+    return spans
+
+
+def response_from_query(query: str, prompt: str, image_token: str | None) -> str:
+    """The response inside OpenRLHF's ``query`` (its prompt + response tokens decoded).
+
+    For a VLM the decoded query holds the processor's expansion of the image
+    placeholder (LLaVA-1.5: 576 ``<image>``), so runs of the image token are
+    collapsed on both sides before the prefix is compared.
+    """
+    if query.startswith(prompt):
+        return query[len(prompt):]
+    if image_token:
+        collapse = re.compile(f"(?:{re.escape(image_token)})+")
+        query, prompt = collapse.sub(image_token, query), collapse.sub(image_token, prompt)
+        if query.startswith(prompt):
+            return query[len(prompt):]
+    raise ValueError(f"query does not start with its prompt {prompt[:80]!r}; send the decoded prompt + response "
+                     "as the query and the prompt text unchanged, as OpenRLHF does.")
+
+
+def image_from_label(label: Any) -> str:
+    """The image path a label carries: JSON ``{"image": "<path>"}`` (or that dict) or a plain path."""
+    image = label
+    if isinstance(label, str) and label.lstrip().startswith("{"):
+        try:
+            label = json.loads(label)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"label {label[:80]!r} is not valid JSON ({exc}); give {{\"image\": \"<path>\"}} "
+                             "or a plain image path.") from None
+    if isinstance(label, dict):
+        image = label.get("image")
+    if not isinstance(image, str) or not image.strip():
+        raise ValueError(f"label {str(label)[:80]!r} carries no image; give {{\"image\": \"<path>\"}} "
+                         "or a plain image path.")
+    return image.strip()
+
+
+def openrlhf_items(queries: Any, prompts: Any, labels: Any, image_token: str | None) -> list[ResponseItem]:
+    """OpenRLHF's (query, prompts, labels) lists -> items, with errors that name the bad input."""
+    for name, value in (("query", queries), ("prompts", prompts), ("labels", labels)):
+        if not isinstance(value, list):
+            raise ValueError(f"`{name}` must be a list, got {type(value).__name__}.")
+    if not len(queries) == len(prompts) == len(labels):
+        raise ValueError(f"`query`, `prompts` and `labels` must have one entry per response, got "
+                         f"{len(queries)}, {len(prompts)} and {len(labels)}.")
+    items = []
+    for i, (query, prompt, label) in enumerate(zip(queries, prompts, labels)):
+        if not isinstance(query, str) or not isinstance(prompt, str):
+            raise ValueError(f"entry {i}: query and prompt must be strings, got {type(query).__name__} "
+                             f"and {type(prompt).__name__}.")
+        try:
+            items.append(ResponseItem(prompt, response_from_query(query, prompt, image_token),
+                                      image_from_label(label)))
+        except ValueError as exc:
+            raise ValueError(f"entry {i}: {exc}") from None
+    return items
+
+
+def _require_paper_fusion(recipe: Recipe) -> None:
+    if recipe.reward.fusion != "paper":
+        raise ValueError(f"reward.fusion: {recipe.reward.fusion} ranks sibling candidates against each other, which "
+                         "a lone response does not have; set reward.fusion: paper for the OpenRLHF reward.")
+
+
+class ResponseRewardScorer:
+    """Scores whole responses; not thread-safe (feed it from one thread, see reward_server.BatchingScorer)."""
+
+    def __init__(self, model, processor, clip, recipe: Recipe):
+        _require_paper_fusion(recipe)
+        self.model = model
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.clip = clip
+        self.reward = recipe.reward
+        self.delimiters = list(recipe.search.delimiters)
+        self.length_normalize = recipe.curation.length_normalize
+        self.image_token: str | None = getattr(processor, "image_token", None)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.tokenizer.eos_token_id
+        # vLLM output is decoded with skip_special_tokens=False: the EOS text ends most responses.
+        specials = "|".join(re.escape(t) for t in self.tokenizer.all_special_tokens if t)
+        self._trailing_special = re.compile(rf"(?:{specials}|\s)+\Z" if specials else r"\s+\Z")
+        from csr_plugin.sampling import load_image
+
+        # lru_cache is thread-safe: HTTP handlers pre-load images to reject bad ones early.
+        self.image = functools.lru_cache(maxsize=_CACHE_SIZE)(load_image)
+        self._encode_prompt = functools.lru_cache(maxsize=_CACHE_SIZE)(self._encode_prompt_uncached)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> "ResponseRewardScorer":
+        from csr_plugin.reward.clip_relevance import ClipRelevance
+        from csr_plugin.sampler.transformers_engine import load_vlm
+
+        _require_paper_fusion(recipe)  # before minutes of model loading
+        model, processor = load_vlm(recipe.model)
+        return cls(model, processor, ClipRelevance(recipe.clip), recipe)
+
+    def score(self, items: Sequence[ResponseItem]) -> list[ScoredResponse]:
+        """Calibrated reward per response: one VLM forward and one CLIP batch for all of ``items``."""
+        results = [ScoredResponse(0.0, []) for _ in items]
+        live = [(i, replace(item, response_text=self._trailing_special.sub("", item.response_text)))
+                for i, item in enumerate(items)]
+        live = [(i, item) for i, item in live if item.response_text.strip()]
+        if not live:
+            return results
+        token_logprobs = self._response_logprobs([item for _, item in live])
+        sentences = [self._sentences(item.response_text, offsets, logprobs)
+                     for (_, item), (offsets, logprobs) in zip(live, token_logprobs)]
+        r_i = iter(self.clip.score([(item.image, self.image(item.image), text)
+                                    for (_, item), group in zip(live, sentences) for text, _ in group]))
+        for (i, _), group in zip(live, sentences):
+            scored = []
+            for text, logprobs in group:
+                r_t = instruction_score(logprobs, self.reward.instruction_score)
+                relevance = next(r_i)
+                scored.append({"text": text, "r_t": r_t, "r_i": relevance,
+                               "reward": calibrated_reward(relevance, r_t, self.reward.lambda_)})
+            total = math.fsum(s["reward"] for s in scored)
+            results[i] = ScoredResponse(total / len(scored) if self.length_normalize else total, scored)
+        return results
+
+    def _sentences(self, text: str, offsets: Sequence[tuple[int, int]],
+                   logprobs: Sequence[float]) -> list[tuple[str, list[float]]]:
+        """(sentence text, its tokens' log-probs); tokens of a whitespace-only tail are in no sentence."""
+        spans = sentence_spans(text, self.delimiters)
+        starts = [start for start, _ in spans]
+        groups: list[list[float]] = [[] for _ in spans]
+        for (token_start, _), logprob in zip(offsets, logprobs):
+            k = bisect_right(starts, token_start) - 1
+            if k >= 0 and token_start < spans[k][1]:
+                groups[k].append(logprob)
+        merged: list[list] = []
+        for (start, end), group in zip(spans, groups):
+            if group or not merged:
+                merged.append([start, end, group])
+            else:  # no token starts here: the token covering it began in the previous sentence
+                merged[-1][1] = end
+        return [(text[start:end].strip(), group) for start, end, group in merged]
+
+    def _encode_prompt_uncached(self, prompt_text: str, image_path: str) -> tuple[list[int], dict]:
+        # add_special_tokens=False as OpenRLHF's rollout: the templated text already holds any BOS.
+        inputs = self.processor(images=self.image(image_path), text=prompt_text, add_special_tokens=False,
+                                return_tensors="pt")
+        token_ids = inputs.pop("input_ids")[0].tolist()
+        inputs.pop("attention_mask", None)
+        return token_ids, dict(inputs)
+
+    def _response_logprobs(self, items: Sequence[ResponseItem]) -> list[tuple[list, list[float]]]:
+        """Per item: (character offsets, log-prob) of each response token, from one teacher-forced forward."""
+        import torch
+
+        from csr_plugin.multimodal import concat_image_inputs
+
+        encoded = [self._encode_prompt(item.prompt_text, item.image) for item in items]
+        responses = self.tokenizer([item.response_text for item in items], add_special_tokens=False,
+                                   return_offsets_mapping=True)
+        rows = [prompt_ids + response_ids for (prompt_ids, _), response_ids in zip(encoded, responses["input_ids"])]
+        device = next(self.model.parameters()).device
+        input_ids = torch.full((len(rows), max(map(len, rows))), self.pad_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for i, row in enumerate(rows):
+            input_ids[i, :len(row)] = torch.tensor(row)
+            attention[i, :len(row)] = 1
+        image_inputs = {k: v.to(device) for k, v in concat_image_inputs([inputs for _, inputs in encoded]).items()}
+        if "pixel_values" in image_inputs:
+            image_inputs["pixel_values"] = image_inputs["pixel_values"].to(self.model.dtype)
+        # Only positions that predict a response token go through the LM head: vocabulary-wide
+        # logits over hundreds of image tokens per prompt would dominate memory.
+        first = min(len(prompt_ids) for prompt_ids, _ in encoded) - 1
+        keep = torch.arange(first, input_ids.shape[1] - 1, device=device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                logits_to_keep=keep, **image_inputs).logits
+            out = []
+            for i, ((prompt_ids, _), response_ids) in enumerate(zip(encoded, responses["input_ids"])):
+                start = len(prompt_ids) - 1 - first
+                logp = logits[i, start:start + len(response_ids)].float().log_softmax(-1)
+                targets = torch.tensor(response_ids, device=device)[:, None]
+                out.append((responses["offset_mapping"][i], logp.gather(-1, targets).squeeze(-1).tolist()))
+        return out

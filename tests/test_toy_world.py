@@ -1,0 +1,86 @@
+"""The toy world: deterministic, with the priors that make a model hallucinate, and exactly measurable."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from csr_plugin.eval.chair import chair, object_recall
+from csr_plugin.eval.objects import ObjectVocabulary
+from csr_plugin.toy import world
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _partner_rate(scenes):
+    with_trigger = [s for s in scenes if any(t in s.objects for t in world.PARTNER)]
+    hits = sum(all(world.PARTNER[t] in s.objects for t in world.PARTNER if t in s.objects) for s in with_trigger)
+    return hits / len(with_trigger)
+
+
+def test_generator_is_deterministic_per_seed():
+    a, b = world.make_split("eval", 50, seed=3), world.make_split("eval", 50, seed=3)
+    assert [s.shapes for s in a] == [s.shapes for s in b]
+    assert a[7].draw().tobytes() == b[7].draw().tobytes()
+    assert [s.shapes for s in world.make_split("eval", 50, seed=4)] != [s.shapes for s in a]
+    with pytest.raises(ValueError, match="split must be one of sft, csr, eval"):
+        world.make_split("train", 5, 0)
+
+
+def test_sft_priors_hold_and_evaluation_breaks_them():
+    # a trigger's partner is added with p = 0.9 (SFT) / 0.25 (eval), then scenes are capped at 3 shapes
+    assert _partner_rate(world.make_split("sft", 2000, 0)) > 0.8
+    assert _partner_rate(world.make_split("eval", 2000, 0)) < 0.4
+
+
+def test_captions_are_exact_ground_truth(tmp_path):
+    scenes = world.make_split("csr", 200, 1)
+    vocab = ObjectVocabulary.from_json(world.vocabulary_json(tmp_path / "objects.json"))
+    captions = [s.caption() for s in scenes]
+    truths = [s.objects for s in scenes]
+    assert chair(captions, truths, vocab)["chair_i"] == 0.0
+    assert object_recall(captions, truths, vocab) == 1.0
+    scene = scenes[0]
+    assert len(scene.caption_sentences()) == len(scene.shapes)
+    kinds = [vocab.mentions(sentence)[0] for sentence in scene.caption_sentences()]
+    assert kinds == sorted(kinds, key=world.KINDS.index), "triggers are described before their partners"
+
+
+def test_split_files_follow_the_prompt_contract(tmp_path):
+    scenes = world.make_split("eval", 5, 0)
+    prompts = world.write_split(scenes, tmp_path / "eval", seed=0)
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [s.id for s in scenes]
+    assert all((tmp_path / "eval" / r["image"]).is_file() and r["question"] for r in rows)
+    truth = [json.loads(line) for line in (tmp_path / "eval" / "truth.jsonl").read_text().splitlines()]
+    assert truth[0]["objects"] == sorted(scenes[0].objects)
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    result = subprocess.run([sys.executable, "-m", "csr_plugin.cli", "demo", "--quick", "--iterations", "1",
+                             "--output", str(out), "dpo.master_port=29591"], cwd=REPO, capture_output=True,
+                            text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_quick_demo_runs_the_real_pipeline_and_reports_hallucination(quick_demo):
+    out, stdout = quick_demo
+    results = json.loads((out / "results.json").read_text())
+    assert [r["iteration"] for r in results["iterations"]] == [0, 1]
+    for row in results["iterations"]:
+        assert all(0.0 <= row[k] <= 1.0 for k in ("chair_s", "chair_i", "pope_f1"))
+    assert "CHAIR_i" in stdout and (out / "metrics.png").exists()
+    assert (out / "iter_1" / "dpo" / "final" / ".complete").exists()
+
+
+def test_pretrained_toy_vlm_sees_far_better_than_chance(quick_demo):
+    """Naming k of the 6 kinds at random recovers k/6 of a scene's objects; the quick model, trained
+    for 300 steps only, must recover well over half of them with most mentions right."""
+    out, _ = quick_demo
+    base = json.loads((out / "eval_base.json").read_text())
+    assert base["object_recall"] > 0.55
+    assert base["chair_i"] < 0.6

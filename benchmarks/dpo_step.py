@@ -23,7 +23,6 @@ from pathlib import Path
 
 def build_inputs(root: Path, vlm: Path, n_pairs: int) -> None:
     """root/lm (the text-only LM), root/text_pairs.jsonl and root/pairs.jsonl, with matching token counts."""
-    import torch
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaForCausalLM
 
@@ -77,6 +76,7 @@ def time_steps(strategy, trainer, args, steps_per_epoch: int) -> list[float]:
 
 def worker(opts) -> None:
     import datasets
+    import torch
 
     from csr_plugin.training.device import make_strategy  # first: it prepares openrlhf's import on CPU
     from openrlhf.models import Actor

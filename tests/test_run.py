@@ -52,6 +52,12 @@ def _kill_tree_when(process, ready, timeout=300):
     psutil.wait_procs(tree, timeout=30)
 
 
+def _pairs(folder):
+    rows = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
+    return [{"texts": (r["id"], r["chosen"], r["rejected"], r["images"]),
+             "rewards": (r["chosen_reward"], r["rejected_reward"], r["chosen_r_i"], r["rejected_r_i"])} for r in rows]
+
+
 def _lines(path):
     return path.read_text().count("\n") if path.exists() else 0
 
@@ -80,7 +86,11 @@ def test_killed_in_every_stage_then_resumed_equals_uninterrupted(run_recipe):
     for t in (1, 2):
         trees = [json.loads(line)["id"] for line in (broken / f"iter_{t}" / "trees.jsonl").read_text().splitlines()]
         assert sorted(trees) == sorted(set(trees)) and len(trees) == 12, "every prompt once"
-        assert (broken / f"iter_{t}" / "pairs.jsonl").read_text() == (clean / f"iter_{t}" / "pairs.jsonl").read_text()
+        resumed, uninterrupted = _pairs(broken / f"iter_{t}"), _pairs(clean / f"iter_{t}")
+        assert [p["texts"] for p in resumed] == [p["texts"] for p in uninterrupted], "the same pairs"
+        # CLIP batches differ after a resume (other prompts share them): float rounding only
+        flat = lambda pairs: [value for p in pairs for value in p["rewards"]]  # noqa: E731
+        assert flat(resumed) == pytest.approx(flat(uninterrupted), rel=1e-5)
         steps = [json.loads(line)["global_step"]
                  for line in (broken / f"iter_{t}" / "dpo" / "dpo_metrics.jsonl").read_text().splitlines()]
         assert steps == sorted(set(steps)), "a resumed DPO run logs each step once"

@@ -60,7 +60,7 @@ class MultimodalDPOTrainer(DPOTrainer):
                 kl = sequence_kl(output["logits"][:, :-1], ref_output["logits"][:, :-1], mask, self.kl_chunk)
                 self._sequence_kl = (kl[:n], kl[n:])
             if model.training:
-                self._margins.append(float((logps_sum[:n] - logps_sum[n:]).mean()))
+                self._margins.append(float((logps_sum[:n] - logps_sum[n:]).detach().mean()))
         aux_loss = output.aux_loss if "aux_loss" in output else []
         return logps_sum[:n], logps_sum[n:], aux_loss, -logps_mean[:n].mean()
 

@@ -140,7 +140,7 @@ def train_dpo(recipe: Recipe, model_path: str, pairs: str, out_dir: str) -> None
     if steps_per_epoch < 1:
         raise ValueError(f"{len(dataset)} usable pairs in {pairs} is fewer than dpo.batch={cfg.batch}; "
                          "lower dpo.batch or add pairs.")
-    schedule = dict(optim="adam", muon=vars(args.muon) if hasattr(args, "muon") else {}, adam=vars(args.adam),
+    schedule = dict(optim="adam", muon={}, adam=vars(args.adam),
                     lr_scheduler=cfg.lr_scheduler, lr_warmup_ratio=cfg.warmup_ratio, min_lr_ratio=0.1,
                     max_norm=cfg.max_norm, scheduler_steps=math.ceil(cfg.epochs * steps_per_epoch))
     (policy, optimizer, scheduler), reference = strategy.prepare((policy, schedule), reference)

@@ -196,6 +196,74 @@ class DPOConfig:
 
 
 @dataclass
+class PPOConfig:
+    """`csr train-ppo`: OpenRLHF's PPO / REINFORCE family (openrlhf.cli.train_ppo_ray) with CSR rollouts."""
+    estimator: Literal["gae", "reinforce", "rloo", "reinforce_baseline", "group_norm", "dr_grpo",
+                       "flash_reinforce"] = _help(
+        "OpenRLHF advantage estimator (gae needs a critic, which OpenRLHF 0.11 does not train for VLMs).",
+        default="reinforce_baseline")
+    dense_rewards: bool = _help("Step-wise rewards: each sentence's calibrated reward at its last token "
+                                "(docs/ppo.md). false = one scalar per response, OpenRLHF unchanged.", default=True)
+    n_samples_per_prompt: int = _help("Rollouts per prompt (group estimators need >= 2).", default=4)
+    rollout_batch: int = _help("Prompts per rollout round.", default=32)
+    micro_rollout_batch: int = _help("Samples per GPU per experience forward.", default=4)
+    train_batch: int = _help("Samples per optimizer step (all GPUs).", default=64)
+    micro_train_batch: int = _help("Samples per GPU per training forward.", default=2)
+    episodes: int = _help("Passes over the prompts.", default=1)
+    epochs: int = _help("PPO epochs per rollout batch.", default=1)
+    actor_lr: float = _help("Actor learning rate.", default=1.0e-6)
+    init_kl_coef: float = _help("KL penalty coefficient against the reference model.", default=0.01)
+    kl_estimator: Literal["k1", "k2", "k3"] = _help("KL estimator.", default="k1")
+    kl_in_loss: bool = _help("Put the KL in the loss instead of the reward (GRPO style).", default=False)
+    gamma: float = _help("Discount.", default=1.0)
+    lambd: float = _help("GAE lambda.", default=1.0)
+    eps_clip: float = _help("PPO ratio clip.", default=0.2)
+    reward_clip: list = _help("[low, high] clamp of rewards. OpenRLHF's default (-10, 10) would cut CSR "
+                              "rewards (lambda * 100 cos reaches 30).", default_factory=lambda: [-100.0, 100.0])
+    max_len: int = _help("Longest prompt + response in tokens (image tokens included).", default=2048)
+    nodes: int = _help("Nodes for the actor (and reference / critic).", default=1)
+    gpus_per_node: int = _help("GPUs per node for the actor (and reference / critic).", default=8)
+    vllm_engines: int = _help("vLLM rollout engines (each runs our agent executor).", default=8)
+    vllm_tp: int = _help("Tensor parallel size of each vLLM engine.", default=1)
+    vllm_gpu_memory: float = _help("vLLM's GPU memory share; leave room for CLIP in the same process.",
+                                   default=0.6)
+    colocate_all: bool = _help("Actor, reference and vLLM share GPUs (sleep mode between phases).", default=True)
+    zero_stage: int = _help("DeepSpeed ZeRO stage for actor / critic.", default=3)
+    lora_rank: int = _help("LoRA rank (0 = full fine-tuning).", default=0)
+    lora_alpha: int = _help("LoRA alpha.", default=16)
+    freeze_vision: bool = _help("Keep the vision encoder frozen.", default=True)
+    gradient_checkpointing: bool = _help("Recompute activations in backward.", default=True)
+    attn_implementation: str = _help("transformers attention implementation.", default="flash_attention_2")
+    ckpt_steps: int = _help("Save a resumable checkpoint every N steps (-1 = only at the end).", default=20)
+    ray_address: str = _help("Ray cluster for `csr train-ppo` (empty = start a local one; `auto` = the "
+                             "running cluster).", default="")
+    seed: int = _help("Seed.", default=42)
+
+    def validate(self, where: str) -> None:
+        for name in ("n_samples_per_prompt", "rollout_batch", "micro_rollout_batch", "train_batch",
+                     "micro_train_batch", "episodes", "epochs", "max_len", "nodes", "gpus_per_node",
+                     "vllm_engines", "vllm_tp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"`{where}.{name}` must be >= 1, got {getattr(self, name)}.")
+        if self.estimator == "gae":
+            raise ConfigError(f"`{where}.estimator: gae` needs a critic, and OpenRLHF 0.11 trains none for "
+                              "vision-language models; use reinforce_baseline, rloo, group_norm or reinforce.")
+        if self.estimator in ("rloo", "reinforce_baseline", "group_norm", "dr_grpo") and self.n_samples_per_prompt < 2:
+            raise ConfigError(f"`{where}.estimator: {self.estimator}` compares the rollouts of a prompt: set "
+                              f"`{where}.n_samples_per_prompt` >= 2 (got {self.n_samples_per_prompt}).")
+        if len(self.reward_clip) != 2 or not all(isinstance(v, (int, float)) for v in self.reward_clip) \
+                or self.reward_clip[0] >= self.reward_clip[1]:
+            raise ConfigError(f"`{where}.reward_clip` must be [low, high] with low < high, got {self.reward_clip}.")
+        if not 0.0 < self.vllm_gpu_memory <= 1.0:
+            raise ConfigError(f"`{where}.vllm_gpu_memory` must be in (0, 1], got {self.vllm_gpu_memory}.")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"`{where}.zero_stage` must be 0, 1, 2 or 3, got {self.zero_stage}.")
+        if self.train_batch % self.micro_train_batch:
+            raise ConfigError(f"`{where}.train_batch` ({self.train_batch}) must be a multiple of "
+                              f"`{where}.micro_train_batch` ({self.micro_train_batch}).")
+
+
+@dataclass
 class LoopConfig:
     iterations: int = _help("CSR iterations T: sample -> curate -> DPO, each from the previous iterate.",
                             default=3)
@@ -234,6 +302,7 @@ class Recipe:
     search: SearchConfig = field(default_factory=SearchConfig)
     curation: CurationConfig = field(default_factory=CurationConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -17,10 +17,9 @@ process loads its own scoring VLM and CLIP; reward_server.py shares one copy.
 """
 from __future__ import annotations
 
-import os
 import threading
 
-from csr_plugin.config import load_recipe
+from csr_plugin.openrlhf.env_recipe import recipe_from_env
 from csr_plugin.openrlhf.response_reward import ResponseRewardScorer, openrlhf_items
 from csr_plugin.openrlhf.reward_server import BatchingScorer
 
@@ -33,12 +32,7 @@ def _shared_batcher() -> BatchingScorer:
     global _batcher
     with _lock:
         if _batcher is None:
-            path = os.environ.get("CSR_RECIPE")
-            if not path:
-                raise RuntimeError("CSR_RECIPE is not set: export CSR_RECIPE=/path/to/recipe.yaml where OpenRLHF's "
-                                   "vLLM engines run (Ray runtime_env env_vars).")
-            recipe = load_recipe(path, os.environ.get("CSR_RECIPE_OVERRIDES", "").split())
-            _batcher = BatchingScorer(ResponseRewardScorer.from_recipe(recipe))
+            _batcher = BatchingScorer(ResponseRewardScorer.from_recipe(recipe_from_env()))
     return _batcher
 
 

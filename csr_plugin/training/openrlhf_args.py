@@ -13,14 +13,15 @@ from csr_plugin.config import DPOConfig
 from csr_plugin.training.device import on_gpu
 
 
-def param_dtype(cfg: DPOConfig) -> str:
-    """bf16 on GPU, fp32 on CPU (OpenRLHF's bf16/fp16 switches both off for fp32)."""
+def param_dtype(cfg: DPOConfig, gpu: bool | None = None) -> str:
+    """bf16 on GPU, fp32 on CPU (OpenRLHF's bf16/fp16 switches both off for fp32; its CLI offers no fp32)."""
     if cfg.dtype == "auto":
-        return "bf16" if on_gpu() else "fp32"
+        return "bf16" if (on_gpu() if gpu is None else gpu) else "fp32"
     return cfg.dtype
 
 
-def dpo_flags(cfg: DPOConfig, model_path: str, pairs: str, out_dir: str) -> dict:
+def dpo_flags(cfg: DPOConfig, model_path: str, pairs: str, out_dir: str, gpu: bool | None = None) -> dict:
+    """``gpu``: the machine the flags are for (None = this one)."""
     out = Path(out_dir)
     return {
         "model.model_name_or_path": model_path, "ref.model_name_or_path": model_path,
@@ -31,7 +32,7 @@ def dpo_flags(cfg: DPOConfig, model_path: str, pairs: str, out_dir: str) -> dict
         "logger.logging_steps": 1, "eval.steps": -1, "eval.dataset": None,
         "train.micro_batch_size": cfg.micro_batch, "train.batch_size": cfg.batch, "train.max_epochs": cfg.epochs,
         "train.seed": cfg.seed, "train.full_determinism_enable": False,
-        "ds.zero_stage": cfg.zero_stage, "ds.param_dtype": param_dtype(cfg), "ds.attn_implementation":
+        "ds.zero_stage": cfg.zero_stage, "ds.param_dtype": param_dtype(cfg, gpu), "ds.attn_implementation":
             cfg.attn_implementation, "ds.use_universal_ckpt": False, "ds.deepcompile": False, "ds.zpg": 1,
         "ds.adam_offload": False, "ds.grad_accum_dtype": None, "ds.overlap_comm": False,
         "ds.tensor_parallel_size": 1, "ds.ring_attn_size": 1, "ds.packing_samples": False,

@@ -1,0 +1,227 @@
+"""CSR in OpenRLHF's rollout workers: ``--train.agent_func_path /path/to/csr_plugin/openrlhf/agent.py``.
+
+OpenRLHF 0.11 loads this file with ``spec_from_file_location`` in every vLLM
+engine actor, builds ``AgentExecutor()`` once per actor, and awaits
+``execute(prompt, label, sampling_params, max_length, hf_tokenizer, llm_engine,
+images)`` ``n_samples_per_prompt`` times per prompt, concurrently.
+
+Each call runs the sentence-level beam search (``recipe.search``) against the
+engine it is given: the search runs in a worker thread, and every step's
+candidate expansions are submitted to the actor's event loop at once, so vLLM
+batches them and its prefix cache shares the prompt, the image and each
+response prefix across candidates and steps. Per-step sampling parameters
+are OpenRLHF's (temperature, top_p, top_k) with ``n`` = search.candidates,
+sentence-end stop tokens, the search's token budget, a per-request seed and
+``logprobs=0`` (R_T needs the sampled tokens' log-probs). CLIP loads once per
+worker process and is shared by all concurrent calls.
+
+The returned dict is OpenRLHF's trajectory for PPO: the best complete response
+of the tree (with ``search.candidates: 1`` and ``beam_width: 1`` that is plain
+on-policy sampling, sentence by sentence), its calibrated reward (the mean or
+sum of its sentence rewards, as ``curation.length_normalize`` says), the
+per-sentence rewards under ``csr_sentence_rewards`` for the step-wise PPO
+patch (``dense_rewards.py``; ignored by OpenRLHF otherwise), and the whole
+search tree under ``csr_tree`` for CSR data generation.
+
+The recipe comes from ``CSR_RECIPE`` / ``CSR_RECIPE_OVERRIDES`` (env_recipe.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import uuid
+from typing import Any, Optional, Sequence
+
+from openrlhf.utils.agent import AgentExecutorBase
+
+from csr_plugin.config import Recipe
+from csr_plugin.openrlhf.env_recipe import recipe_from_env
+from csr_plugin.openrlhf.response_reward import image_from_label
+from csr_plugin.sampler.engine import Continuation, EncodedPrompt, Expansion
+from csr_plugin.sampler.search import Node, PromptJob, SearchTree, SentenceBeamSearch, path_score
+from csr_plugin.sampler.vllm_engine import VllmSentenceRules
+
+_instances: dict[Any, Any] = {}
+_instances_lock = threading.Lock()
+
+
+def _shared(key, build):
+    """One ``build()`` per process and key: CLIP weights and vocabulary scans are paid once per worker."""
+    with _instances_lock:
+        if key not in _instances:
+            _instances[key] = build()
+        return _instances[key]
+
+
+class _SerialClip:
+    """CLIP shared by the concurrent searches of one worker; its image cache is not thread-safe."""
+
+    def __init__(self, clip):
+        self.clip = clip
+        self.lock = threading.Lock()
+
+    def score(self, items):
+        with self.lock:
+            return self.clip.score(items)
+
+
+def _tokenizer_of(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def _rules_for(processor, recipe: Recipe) -> VllmSentenceRules:
+    tokenizer = _tokenizer_of(processor)
+    key = ("rules", getattr(tokenizer, "name_or_path", ""), len(tokenizer), tuple(recipe.search.delimiters))
+
+    def build():
+        eos = tokenizer.eos_token_id
+        eos_ids = set(eos) if isinstance(eos, (list, tuple, set)) else {eos}
+        if None in eos_ids:
+            raise ValueError("the tokenizer OpenRLHF passed defines no EOS token; set eos_token in its config.")
+        image_token = getattr(processor, "image_token_id", None) or getattr(tokenizer, "image_token_id", None)
+        banned = (set(tokenizer.all_special_ids) | {image_token}) - eos_ids - {None}
+        return VllmSentenceRules(tokenizer, recipe.search, eos_ids, banned)
+
+    return _shared(key, build)
+
+
+class _AsyncEngine:
+    """The search's engine contract over OpenRLHF's ``await llm_engine.generate(...)``.
+
+    ``expand`` runs in the search thread; it submits every request of a step to the
+    actor's event loop before waiting for any, so they are generated together.
+    """
+
+    def __init__(self, llm_engine, loop: asyncio.AbstractEventLoop, rules: VllmSentenceRules, base_params,
+                 max_context: int):
+        self.llm_engine = llm_engine
+        self.loop = loop
+        self.rules = rules
+        self.base_params = base_params
+        self.max_context = max_context
+        # prefix -> (token ids, log-probs) of an EOS-only continuation: the search drops it (it adds no
+        # sentence) and marks the prefix complete; the trajectory still needs that EOS token.
+        self.eos_tails: dict[tuple[int, ...], tuple[list[int], list[float]]] = {}
+
+    def expand(self, requests: Sequence[Expansion]) -> list[list[Continuation]]:
+        futures = [asyncio.run_coroutine_threadsafe(
+            self.llm_engine.generate(r.prompt.token_ids + r.prefix_ids,
+                                     self.rules.sampling_params(r, base=self.base_params),
+                                     multi_modal_data=r.prompt.image_inputs), self.loop)
+            for r in requests]
+        results = []
+        for request, future in zip(requests, futures):
+            continuations = self.rules.continuations(future.result(), request.prefix_ids)
+            for c in continuations:
+                if c.finish == "eos" and not any(ch.isalnum() for ch in c.text):
+                    self.eos_tails.setdefault(tuple(request.prefix_ids), (c.token_ids, c.logprobs))
+            results.append(continuations)
+        return results
+
+
+def _label_fields(label) -> dict:
+    if isinstance(label, dict):
+        return label
+    if isinstance(label, str) and label.lstrip().startswith("{"):
+        try:
+            return json.loads(label)
+        except json.JSONDecodeError:
+            return {}
+    return {}
+
+
+def _path(tree: SearchTree, node: Node) -> list[Node]:
+    nodes = {n.id: n for n in tree.nodes}
+    path = []
+    while node.parent is not None:
+        path.append(node)
+        node = nodes[node.parent]
+    return path[::-1]
+
+
+class AgentExecutor(AgentExecutorBase):
+    def __init__(self, recipe: Optional[Recipe] = None):
+        # OpenRLHF constructs the executor without arguments; tests may pass a recipe.
+        self.recipe = recipe or recipe_from_env()
+        clip_cfg = self.recipe.clip
+        self.clip = _shared(("clip", repr(clip_cfg)), lambda: _SerialClip(_build_clip(self.recipe)))
+
+    async def execute(self, prompt, label, sampling_params, max_length: int, hf_tokenizer, llm_engine, images=None):
+        recipe = self.recipe
+        prompt_ids, mm_train_inputs, pil_images, image_key = self._encode(prompt, label, images, hf_tokenizer)
+        if len(prompt_ids) + recipe.search.max_new_tokens > max_length:
+            raise ValueError(f"prompt is {len(prompt_ids)} tokens; with search.max_new_tokens="
+                             f"{recipe.search.max_new_tokens} it exceeds max_length={max_length}. Raise "
+                             "--data.max_len / --rollout.max_new_tokens or shorten the prompt.")
+        engine = _AsyncEngine(llm_engine, asyncio.get_running_loop(), _rules_for(hf_tokenizer, recipe),
+                              sampling_params, max_context=max_length)
+        fields = _label_fields(label)
+        tree_id = str(fields.get("id") or uuid.uuid4().hex)
+        # A fresh nonce per call: OpenRLHF calls us n_samples_per_prompt times for one prompt,
+        # and each call must draw its own trajectory.
+        job = PromptJob(id=f"{tree_id}#{uuid.uuid4().hex}", image=image_key, question=prompt,
+                        image_data=pil_images[0], encoded=EncodedPrompt(prompt_ids, {"image": pil_images}))
+        search = SentenceBeamSearch(engine, self.clip, recipe.search, recipe.reward, recipe.curation)
+        tree = (await asyncio.to_thread(search.run, [job]))[0]
+        tree.id = tree_id
+        return self._response(prompt, label, images, mm_train_inputs, prompt_ids, tree, engine,
+                              with_logprobs=getattr(sampling_params, "logprobs", None) is not None)
+
+    def _encode(self, prompt: str, label, images, processor):
+        if not images:
+            images = [image_from_label(label)]
+        if not hasattr(processor, "image_processor"):
+            raise ValueError("CSR needs a vision-language processor; OpenRLHF passed a text tokenizer. Point "
+                             "--actor.model_name_or_path at a VLM.")
+        from openrlhf.utils.vlm_utils import process_prompt_with_images
+
+        images = images if isinstance(images, list) else [images]
+        prompt_ids, mm_train_inputs, pil_images = process_prompt_with_images(processor, prompt, images)
+        if not pil_images:
+            raise ValueError(f"no image could be loaded from {images!r}; CSR scores sentences against the image.")
+        key = images[0] if isinstance(images[0], str) else f"image:{uuid.uuid4().hex}"
+        return prompt_ids, mm_train_inputs, pil_images, key
+
+    def _response(self, prompt, label, images, mm_train_inputs, prompt_ids: list[int], tree: SearchTree,
+                  engine: _AsyncEngine, with_logprobs: bool) -> dict:
+        finals = [n for n in tree.nodes if n.final and n.parent is not None]
+        normalize = self.recipe.curation.length_normalize
+        best = max(finals, key=lambda n: path_score([p.reward for p in _path(tree, n)], normalize), default=None)
+        path = _path(tree, best) if best is not None else []
+        tokens, logprobs, sentence_rewards = list(prompt_ids), [0.0] * len(prompt_ids), []
+        for node in path:
+            tokens += node.token_ids
+            logprobs += node.logprobs
+            # sentence rewards sum to the response's reward: divided by the count when it is a mean
+            sentence_rewards.append([len(tokens), node.reward / len(path) if normalize else node.reward])
+        ends_with_eos = bool(path) and path[-1].token_ids[-1:] and path[-1].token_ids[-1] in engine.rules.eos_ids
+        if not path or (best.finish == "eos" and not ends_with_eos):
+            tail_ids, tail_logprobs = engine.eos_tails.get(tuple(tokens[len(prompt_ids):]), ([], []))
+            tokens += tail_ids
+            logprobs += tail_logprobs
+        # No complete response (every candidate filtered or an immediate EOS): nothing to score; reward 0.
+        reward = path_score([n.reward for n in path], normalize) if path else 0.0
+        count = max(len(path), 1)
+        return {
+            "prompt": prompt,
+            "label": label,
+            "images": images,
+            "mm_train_inputs": mm_train_inputs,
+            "observation_tokens": tokens,
+            "action_ranges": [(len(prompt_ids), len(tokens))],
+            "rollout_log_probs": logprobs if with_logprobs else None,
+            "truncated": bool(path) and path[-1].finish == "length",
+            "reward": reward,
+            "scores": reward,
+            "extra_logs": {"r_i": sum(n.r_i for n in path) / count, "r_t": sum(n.r_t for n in path) / count,
+                           "sentences": float(len(path))},
+            "csr_sentence_rewards": sentence_rewards,
+            "csr_tree": tree.to_json(),
+        }
+
+
+def _build_clip(recipe: Recipe):
+    from csr_plugin.reward.clip_relevance import ClipRelevance
+
+    return ClipRelevance(recipe.clip)

@@ -31,28 +31,17 @@ import asyncio
 import json
 import threading
 import uuid
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from openrlhf.utils.agent import AgentExecutorBase
 
 from csr_plugin.config import Recipe
 from csr_plugin.openrlhf.env_recipe import recipe_from_env
+from csr_plugin.openrlhf.per_process import shared
 from csr_plugin.openrlhf.response_reward import image_from_label
 from csr_plugin.sampler.engine import Continuation, EncodedPrompt, Expansion
 from csr_plugin.sampler.search import Node, PromptJob, SearchTree, SentenceBeamSearch, path_score
 from csr_plugin.sampler.vllm_engine import VllmSentenceRules
-
-_instances: dict[Any, Any] = {}
-_instances_lock = threading.Lock()
-
-
-def _shared(key, build):
-    """One ``build()`` per process and key: CLIP weights and vocabulary scans are paid once per worker."""
-    with _instances_lock:
-        if key not in _instances:
-            _instances[key] = build()
-        return _instances[key]
-
 
 class _SerialClip:
     """CLIP shared by the concurrent searches of one worker; its image cache is not thread-safe."""
@@ -83,7 +72,7 @@ def _rules_for(processor, recipe: Recipe) -> VllmSentenceRules:
         banned = (set(tokenizer.all_special_ids) | {image_token}) - eos_ids - {None}
         return VllmSentenceRules(tokenizer, recipe.search, eos_ids, banned)
 
-    return _shared(key, build)
+    return shared(key, build)
 
 
 class _AsyncEngine:
@@ -145,7 +134,7 @@ class AgentExecutor(AgentExecutorBase):
         # OpenRLHF constructs the executor without arguments; tests may pass a recipe.
         self.recipe = recipe or recipe_from_env()
         clip_cfg = self.recipe.clip
-        self.clip = _shared(("clip", repr(clip_cfg)), lambda: _SerialClip(_build_clip(self.recipe)))
+        self.clip = shared(("clip", repr(clip_cfg)), lambda: _SerialClip(_build_clip(self.recipe)))
 
     async def execute(self, prompt, label, sampling_params, max_length: int, hf_tokenizer, llm_engine, images=None):
         recipe = self.recipe

@@ -112,7 +112,9 @@ def prepare_job(prompt: PromptRecord, engine) -> PromptJob:
 
 def build_engine(recipe: Recipe):
     if recipe.search.engine == "vllm":
-        raise NotImplementedError("search.engine: vllm is not available yet; use search.engine: transformers.")
+        from csr_plugin.sampler.vllm_engine import VllmEngine
+
+        return VllmEngine.from_config(recipe.model, recipe.search)
     from csr_plugin.sampler.transformers_engine import TransformersEngine
 
     return TransformersEngine.from_config(recipe.model, recipe.search)
@@ -138,46 +140,78 @@ class _ErrorLog:
             self.file.append(record)
 
 
+class SampleOutputs:
+    """A run's trees.jsonl and errors.jsonl opened for append, and the prompts not done yet.
+
+    Shared by :func:`sample` and ``sample_on_ray`` so that both resume, skip and log alike.
+    """
+
+    def __init__(self, recipe: Recipe, summary: SampleSummary):
+        out_dir = Path(recipe.output_dir)
+        self.summary = summary
+        prompts, bad_lines = load_prompts(recipe.data.prompts, recipe.data.limit)
+        self.trees = JsonlAppender(out_dir / "trees.jsonl")
+        if self.trees.repaired:
+            log.warning("trees.jsonl ended in a torn line (a killed run); it was cut and that prompt is redone")
+        self.errors = _ErrorLog(out_dir / "errors.jsonl")
+        for record in bad_lines:
+            self.errors.add(record, summary)
+        done = {tree["id"] for tree in self.trees.records}
+        self.todo = [p for p in prompts if p.id not in done]
+        summary.resumed = len(prompts) - len(self.todo)
+
+    def add(self, trees: list[dict], errors: list[dict]) -> None:
+        for tree in trees:
+            self.trees.append(tree)
+            self.summary.done += 1
+        for record in errors:
+            self.errors.add(record, self.summary)
+
+    def close(self) -> None:
+        self.trees.close()
+        self.errors.file.close()
+
+    def __enter__(self) -> "SampleOutputs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def chunks(prompts: list[PromptRecord], size: int) -> list[list[PromptRecord]]:
+    return [prompts[start:start + size] for start in range(0, len(prompts), size)]
+
+
+def search_prompts(search: SentenceBeamSearch, engine, prompts: list[PromptRecord]) -> tuple[list[dict], list[dict]]:
+    """Tree JSON for the prompts that could be searched, error records for the others."""
+    jobs, errors = [], []
+    for prompt in prompts:
+        try:
+            jobs.append(prepare_job(prompt, engine))
+        except PromptError as exc:
+            errors.append({"id": prompt.id, "image": prompt.image, "reason": str(exc)})
+    trees = _search_isolating_failures(search, jobs, errors)
+    return [tree.to_json() for tree in trees], errors
+
+
 def sample(recipe: Recipe, engine=None, clip=None, progress: bool = True) -> SampleSummary:
     started = time.monotonic()
-    out_dir = Path(recipe.output_dir)
     summary = SampleSummary()
-    prompts, bad_lines = load_prompts(recipe.data.prompts, recipe.data.limit)
-    with JsonlAppender(out_dir / "trees.jsonl") as trees:
-        errors = _ErrorLog(out_dir / "errors.jsonl")
-        if trees.repaired:
-            log.warning("trees.jsonl ended in a torn line (a killed run); it was cut and that prompt is redone")
-        for record in bad_lines:
-            errors.add(record, summary)
-        done = {tree["id"] for tree in trees.records}
-        todo = [p for p in prompts if p.id not in done]
-        summary.resumed = len(prompts) - len(todo)
-        if todo:
+    with SampleOutputs(recipe, summary) as outputs:
+        if outputs.todo:
             engine = engine or build_engine(recipe)
             clip = clip or build_clip(recipe)
             search = SentenceBeamSearch(engine, clip, recipe.search, recipe.reward, recipe.curation)
-            bar = tqdm(total=len(todo), desc="csr sample", unit="prompt", disable=not progress)
-            size = recipe.search.batch_prompts
-            for start in range(0, len(todo), size):
-                jobs = []
-                for prompt in todo[start:start + size]:
-                    try:
-                        jobs.append(prepare_job(prompt, engine))
-                    except PromptError as exc:
-                        errors.add({"id": prompt.id, "image": prompt.image, "reason": str(exc)}, summary)
-                        bar.update(1)
-                for tree in _search_isolating_failures(search, jobs, errors, summary):
-                    trees.append(tree.to_json())
-                    summary.done += 1
-                    bar.update(1)
+            bar = tqdm(total=len(outputs.todo), desc="csr sample", unit="prompt", disable=not progress)
+            for chunk in chunks(outputs.todo, recipe.search.batch_prompts):
+                outputs.add(*search_prompts(search, engine, chunk))
+                bar.update(len(chunk))
             bar.close()
-        errors.file.close()
     summary.seconds = time.monotonic() - started
     return summary
 
 
-def _search_isolating_failures(search: SentenceBeamSearch, jobs: list[PromptJob], errors: _ErrorLog,
-                               summary: SampleSummary):
+def _search_isolating_failures(search: SentenceBeamSearch, jobs: list[PromptJob], errors: list[dict]):
     """Search a batch; if it fails, search its prompts one by one so only the culprit is set aside."""
     if not jobs:
         return []
@@ -186,10 +220,10 @@ def _search_isolating_failures(search: SentenceBeamSearch, jobs: list[PromptJob]
     except Exception as exc:  # noqa: BLE001 - one bad prompt must not end the run
         if len(jobs) == 1:
             log.exception("search failed for prompt %s", jobs[0].id)
-            errors.add({"id": jobs[0].id, "image": jobs[0].image,
-                        "reason": f"search failed: {type(exc).__name__}: {exc}"}, summary)
+            errors.append({"id": jobs[0].id, "image": jobs[0].image,
+                           "reason": f"search failed: {type(exc).__name__}: {exc}"})
             return []
     trees = []
     for job in jobs:
-        trees.extend(_search_isolating_failures(search, [job], errors, summary))
+        trees.extend(_search_isolating_failures(search, [job], errors))
     return trees

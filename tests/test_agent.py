@@ -57,8 +57,6 @@ class RolloutActorLike:
 
         if multi_modal_data:  # as RolloutRayActor.generate: vLLM expands one placeholder itself
             prompt_token_ids = dedup_media_tokens(prompt_token_ids, self.pad_ids)
-            # vLLM takes a list of images; the stand-in serves one image per prompt
-            multi_modal_data = {"image": multi_modal_data["image"][0]}
         self.requests += 1
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, Sequence
+from typing import Any, Literal, Optional, Protocol, Sequence
 
 FinishReason = Literal["sentence", "eos", "length"]
 
@@ -19,6 +19,13 @@ class EncodedPrompt:
     """A prompt ready for an engine: its token ids and the engine's image inputs."""
     token_ids: list[int]
     image_inputs: Any  # transformers: processor tensors; vLLM: multi_modal_data
+    # Context the prompt occupies. vLLM prompts hold one image placeholder that vLLM expands
+    # (LLaVA-1.5: to 576 tokens), so their ids undercount it; None = len(token_ids).
+    context_length: Optional[int] = None
+
+    @property
+    def length(self) -> int:
+        return self.context_length if self.context_length is not None else len(self.token_ids)
 
 
 @dataclass

@@ -180,7 +180,7 @@ class SentenceBeamSearch:
                 pool.append(node)
         keep = self.select(pool, [path_score(beam.path_values[n.id], self.curation.length_normalize) for n in pool])
         beam.active = []
-        context_left = self.engine.max_context - len(beam.job.encoded.token_ids) - self.search.max_new_tokens
+        context_left = self.engine.max_context - beam.job.encoded.length - self.search.max_new_tokens
         for node in keep:
             if last_step:
                 node.final, node.finish = True, "max_sentences"

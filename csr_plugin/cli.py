@@ -12,8 +12,17 @@ from csr_plugin.config import ConfigError, load_recipe
 def _cmd_sample(args: argparse.Namespace) -> int:
     from csr_plugin.sampling import sample
 
+    if args.actors < 1:
+        raise ConfigError(f"--actors must be >= 1, got {args.actors}.")
+    if args.ray_address and not args.ray:
+        raise ConfigError("--ray-address needs --ray (without it `csr sample` runs here, serially).")
     recipe = load_recipe(args.config, args.overrides)
-    summary = sample(recipe, progress=not args.quiet)
+    if args.ray:
+        from csr_plugin.ray_sampling import sample_on_ray
+
+        summary = sample_on_ray(recipe, args.actors, args.ray_address, progress=not args.quiet)
+    else:
+        summary = sample(recipe, progress=not args.quiet)
     print(summary)
     print(f"trees: {Path(recipe.output_dir) / 'trees.jsonl'}   errors: {Path(recipe.output_dir) / 'errors.jsonl'}")
     # Bad prompts are set aside, but a run where every new prompt failed points at the setup, not the data.
@@ -92,6 +101,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+def _cmd_train_ppo(args: argparse.Namespace) -> int:
+    from csr_plugin.openrlhf.ppo import train_ppo, write_ppo_prompts
+
+    recipe = load_recipe(args.config, args.overrides)
+    if args.prepare_only:
+        path, skipped = write_ppo_prompts(recipe)
+        print(f"OpenRLHF prompt dataset: {path} ({skipped} prompts skipped)")
+        return 0
+    return train_ppo(recipe, args.config, args.overrides)
+
+
+def _cmd_recipe_show(args: argparse.Namespace) -> int:
+    from csr_plugin.recipe_commands import check, show
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(show(recipe, args.recipe, args.overrides))
+    if args.check:
+        checked = check(recipe, args.recipe, args.overrides)
+        print(f"# checked against OpenRLHF's own parsers and assertions: {', '.join(checked)}")
+    return 0
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csr", description="Calibrated Self-Rewarding (CSR) for VLMs, in OpenRLHF.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -101,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Search every prompt of data.prompts; resumable: rerun to continue.")
     p.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--ray", action="store_true", help="shard the prompts over Ray sampling actors "
+                   "(see docs/openrlhf.md)")
+    p.add_argument("--actors", type=int, default=2, help="sampling actors with --ray, one CPU or GPU each "
+                   "(default: 2)")
+    p.add_argument("--ray-address", metavar="ADDR", help="existing Ray cluster (auto, host:6379, "
+                   "ray://host:10001); default: start a local one")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
     p.set_defaults(func=_cmd_sample)
 
@@ -157,6 +195,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller world and weaker models built in about a minute")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("train-ppo", help="OpenRLHF PPO / REINFORCE with CSR rollouts and step-wise rewards (GPUs)",
+                       description="Runs openrlhf.cli.train_ppo_ray with our agent executor in its vLLM engines "
+                                   "and, with ppo.dense_rewards, each sentence's reward at its last token.")
+    p.add_argument("--config", required=True, help="recipe YAML with a `ppo` section")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="only write the OpenRLHF prompt dataset (for `ray job submit`, see `csr recipe show`)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    p.set_defaults(func=_cmd_train_ppo)
+
+    p = sub.add_parser("recipe", help="`csr recipe show R.yaml`: the exact csr / torchrun / OpenRLHF / ray commands",
+                       description="Prints every command a recipe runs; --check parses the OpenRLHF flags with "
+                                   "OpenRLHF's own entry points (needs vllm importable for train_ppo_ray).")
+    recipe_sub = p.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)
+    q = recipe_sub.add_parser("show", help="print the commands")
+    q.add_argument("recipe", help="recipe YAML")
+    q.add_argument("--check", action="store_true", help="validate the flags with OpenRLHF's parsers")
+    q.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    q.set_defaults(func=_cmd_recipe_show)
     return parser
 
 

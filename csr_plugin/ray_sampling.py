@@ -1,0 +1,244 @@
+"""`csr sample --ray`: the search of `csr sample`, sharded over Ray sampling actors.
+
+The driver reads the prompts, skips the ids already in trees.jsonl and cuts the
+rest into chunks of ``search.batch_prompts``. Each actor builds the engine and
+CLIP once and searches one chunk per call; the driver keeps two chunks in
+flight per actor, so an actor starts its next chunk without waiting for the
+driver, and appends each finished chunk to trees.jsonl / errors.jsonl the
+moment it arrives. The driver is the only writer: a killed driver resumes
+exactly like `csr sample` (finished trees are on disk, the rest is redone).
+
+An actor that dies loses only its unfinished chunks: they go back to the queue
+and a fresh actor takes its place. The chunk it was running is charged one
+attempt; after ``max_attempts`` a chunk is split into single prompts, and a
+single prompt that keeps killing actors goes to errors.jsonl as "actor died".
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import warnings
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from tqdm import tqdm
+
+from csr_plugin.config import Recipe, recipe_from_dict, recipe_to_dict
+from csr_plugin.sampler.search import SentenceBeamSearch
+from csr_plugin.sampling import (PromptRecord, SampleOutputs, SampleSummary, build_clip, build_engine, chunks,
+                                 search_prompts)
+
+log = logging.getLogger(__name__)
+
+# One chunk running and one waiting on the actor: it never idles while the driver writes a result.
+IN_FLIGHT_PER_ACTOR = 2
+
+
+class SamplingWorker:
+    """The body of a sampling actor (made a Ray actor by `_actor_class`): engine and CLIP built once."""
+
+    def __init__(self, recipe: dict):
+        recipe = recipe_from_dict(recipe)
+        self.engine = build_engine(recipe)
+        self.search = SentenceBeamSearch(self.engine, build_clip(recipe), recipe.search, recipe.reward,
+                                         recipe.curation)
+
+    def search_chunk(self, prompts: list[dict]) -> dict:
+        trees, errors = search_prompts(self.search, self.engine, [PromptRecord(**p) for p in prompts])
+        return {"trees": trees, "errors": errors}
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("`csr sample --ray` needs Ray: pip install ray "
+                          "(or run `csr sample` without --ray).") from None
+    return ray
+
+
+@functools.cache
+def _actor_class():
+    return _import_ray().remote(SamplingWorker)
+
+
+def _needs_gpu(recipe: Recipe, cluster_gpus: float) -> bool:
+    devices = (recipe.model.device, recipe.clip.device)
+    return (recipe.search.engine == "vllm" or any(d.startswith("cuda") for d in devices)
+            or ("auto" in devices and cluster_gpus > 0))
+
+
+def _actor_options(use_gpu: bool) -> dict:
+    env = {"FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE", "TOKENIZERS_PARALLELISM": "false"}
+    if use_gpu:
+        return {"num_cpus": 1, "num_gpus": 1, "runtime_env": {"env_vars": env}}
+    # one core per actor: more torch threads than that only fight the other actors
+    return {"num_cpus": 1, "runtime_env": {"env_vars": dict(env, OMP_NUM_THREADS="1")}}
+
+
+def _actor_recipe(recipe: Recipe) -> dict:
+    """The recipe as the actors need it: they run in Ray's own folder, each GPU actor sees one device."""
+    data = recipe_to_dict(recipe)
+    for section, key in (("model", "path"), ("clip", "config"), ("clip", "pretrained")):
+        value = data[section][key]
+        if value and Path(value).exists():   # a local path, not a hub id or a pretrained tag
+            data[section][key] = str(Path(value).resolve())
+    for section in ("model", "clip"):
+        if data[section]["device"].startswith("cuda"):
+            data[section]["device"] = "cuda"   # Ray sets CUDA_VISIBLE_DEVICES to the actor's one GPU
+    return data
+
+
+def _connect(ray, address: Optional[str]) -> bool:
+    """Join `address` or start a local cluster; True if Ray was started here (so it is ours to shut down)."""
+    if ray.is_initialized():
+        return False
+    # log_to_driver off: model-loading chatter from every actor would bury the progress bar; the
+    # actors' logs stay in the Ray session folder (/tmp/ray/session_latest/logs).
+    with warnings.catch_warnings():   # a tip about a future Ray default that does not concern CPU actors
+        warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+    return True
+
+
+def _warn_if_cluster_too_small(ray, num_actors: int, use_gpu: bool) -> None:
+    kind = "GPU" if use_gpu else "CPU"
+    have = int(ray.cluster_resources().get(kind, 0))
+    if have < num_actors:
+        log.warning("%d sampling actors need one %s each but the Ray cluster has %d now; the others wait "
+                    "until it has room (use --actors %d, or a cluster with more %ss).",
+                    num_actors, kind, have, max(have, 1), kind)
+
+
+def _reason(exc: BaseException) -> str:
+    """A Ray error on one line for errors.jsonl, without the ids of the dead process (actor_id, pid, ip):
+    a rerun that fails the same way then logs nothing new."""
+    cause = getattr(exc, "cause", None)   # a RayTaskError carries the exception raised in the actor
+    if isinstance(cause, BaseException):
+        text = f"{type(cause).__name__}: {cause}"
+    else:
+        text = " ".join(line for line in str(exc).splitlines() if not line.startswith("\t"))
+    return " ".join(text.split())[:300]
+
+
+@dataclass
+class _Chunk:
+    prompts: list[PromptRecord]
+    failures: int = 0
+
+
+@dataclass
+class _Slot:
+    actor: Any
+    running: list = field(default_factory=list)   # its calls in flight, oldest first (Ray runs them in order)
+    culprit: Any = None                            # once it died: the call it was running
+
+
+class _Dispatcher:
+    def __init__(self, ray, new_actor: Callable[[], Any], outputs: SampleOutputs, bar: tqdm, work: list[_Chunk],
+                 num_actors: int, max_attempts: int, on_progress: Optional[Callable[[int, list], None]]):
+        self.ray, self.new_actor, self.outputs, self.bar = ray, new_actor, outputs, bar
+        self.max_attempts, self.on_progress = max_attempts, on_progress
+        self.queue = deque(work)
+        self.slots = [_Slot(new_actor()) for _ in range(min(num_actors, len(work)))]
+        self.in_flight: dict[Any, tuple[_Slot, _Chunk]] = {}   # in submission order
+
+    def run(self) -> None:
+        try:
+            while self.queue or self.in_flight:
+                self._submit()
+                self.ray.wait(list(self.in_flight), num_returns=1)
+                ready, _ = self.ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=0)
+                ready = set(ready)
+                # in submission order, so that a dead actor's running call is the first of its failures seen
+                for ref in [r for r in self.in_flight if r in ready]:
+                    self._collect(ref)
+        finally:
+            for slot in self.slots:
+                self.ray.kill(slot.actor)
+
+    def _submit(self) -> None:
+        for depth in range(1, IN_FLIGHT_PER_ACTOR + 1):   # round robin: every actor gets work before any gets two
+            for slot in self.slots:
+                if self.queue and len(slot.running) < depth:
+                    chunk = self.queue.popleft()
+                    ref = slot.actor.search_chunk.remote([asdict(p) for p in chunk.prompts])
+                    slot.running.append(ref)
+                    self.in_flight[ref] = (slot, chunk)
+
+    def _collect(self, ref) -> None:
+        slot, chunk = self.in_flight.pop(ref)
+        try:
+            result = self.ray.get(ref)
+        except self.ray.exceptions.RayActorError as exc:
+            if exc.actor_init_failed:   # every actor would fail alike: a setup problem, not a prompt
+                raise RuntimeError(f"a sampling actor could not load the models. Check model.path and the clip "
+                                   f"section (the paths must exist on every Ray node).\n{exc}") from None
+            if slot.culprit is None:    # first news of this death: replace the actor
+                slot.culprit = slot.running[0]
+                self.slots[self.slots.index(slot)] = _Slot(self.new_actor())
+            if ref == slot.culprit:
+                self._retry(chunk, f"actor died: {_reason(exc)}")
+            else:                       # it was only waiting behind the chunk that killed the actor
+                self.queue.appendleft(chunk)
+        except self.ray.exceptions.RayError as exc:   # raised past the per-prompt isolation, or its result was lost
+            self._retry(chunk, f"search failed: {_reason(exc)}")
+        else:
+            self.outputs.add(result["trees"], result["errors"])
+            self.bar.update(len(chunk.prompts))
+            if self.on_progress:
+                self.on_progress(self.outputs.summary.done, [s.actor for s in self.slots])
+        finally:
+            slot.running.remove(ref)
+
+    def _retry(self, chunk: _Chunk, reason: str) -> None:
+        chunk.failures += 1
+        if chunk.failures < self.max_attempts:
+            self.queue.appendleft(chunk)
+        elif len(chunk.prompts) > 1:   # one of them is the culprit: alone, the others still get searched
+            self.queue.extendleft(_Chunk([p]) for p in reversed(chunk.prompts))
+        else:
+            prompt = chunk.prompts[0]
+            self.outputs.add([], [{"id": prompt.id, "image": prompt.image,
+                                   "reason": f"{reason} (after {chunk.failures} attempts)"}])
+            self.bar.update(1)
+
+
+def sample_on_ray(recipe: Recipe, num_actors: int, address: Optional[str] = None, progress: bool = True,
+                  max_attempts: int = 3, on_progress: Optional[Callable[[int, list], None]] = None
+                  ) -> SampleSummary:
+    """`sample` on `num_actors` Ray actors: same trees.jsonl, errors.jsonl and resume behaviour.
+
+    ``address``: an existing cluster (``auto``, ``ray://host:10001``, ``host:6379``); None starts a local
+    one for this run. ``on_progress(trees_written, live_actor_handles)`` runs after each finished chunk
+    is on disk (tests kill an actor from it).
+    """
+    if num_actors < 1:
+        raise ValueError(f"--actors must be >= 1, got {num_actors}.")
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}.")
+    ray = _import_ray()
+    started = time.monotonic()
+    summary = SampleSummary()
+    with SampleOutputs(recipe, summary) as outputs:
+        if outputs.todo:
+            owns_ray = _connect(ray, address)
+            try:
+                use_gpu = _needs_gpu(recipe, ray.cluster_resources().get("GPU", 0))
+                work = [_Chunk(c) for c in chunks(outputs.todo, recipe.search.batch_prompts)]
+                _warn_if_cluster_too_small(ray, min(num_actors, len(work)), use_gpu)
+                actor = _actor_class().options(max_restarts=0, **_actor_options(use_gpu))
+                actor_recipe = _actor_recipe(recipe)
+                with tqdm(total=len(outputs.todo), desc="csr sample --ray", unit="prompt",
+                          disable=not progress) as bar:
+                    _Dispatcher(ray, lambda: actor.remote(actor_recipe), outputs, bar, work, num_actors,
+                                max_attempts, on_progress).run()
+            finally:
+                if owns_ray:
+                    ray.shutdown()
+    summary.seconds = time.monotonic() - started
+    return summary

@@ -104,14 +104,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_ppo(args: argparse.Namespace) -> int:
-    from csr_plugin.openrlhf.ppo import train_ppo, write_ppo_prompts
+    from csr_plugin.openrlhf.ppo import NoGPUError, train_ppo, write_ppo_prompts
 
     recipe = load_recipe(args.config, args.overrides)
     if args.prepare_only:
         path, skipped = write_ppo_prompts(recipe)
         print(f"OpenRLHF prompt dataset: {path} ({skipped} prompts skipped)")
         return 0
-    return train_ppo(recipe, args.config, args.overrides)
+    try:
+        return train_ppo(recipe, args.config, args.overrides)
+    except NoGPUError as exc:
+        print(f"csr train-ppo: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _cmd_recipe_show(args: argparse.Namespace) -> int:

@@ -54,3 +54,17 @@ def make_engine(model_and_processor, **search_overrides):
     defaults.update(search_overrides)
     model, processor = model_and_processor
     return TransformersEngine(model, processor, SearchConfig(**defaults))
+
+
+def reference_logprobs(model, hf_engine, question, image, prefix, new_ids):
+    """Log-probs of ``new_ids`` after prompt + prefix from one unpadded forward, no cache: the
+    independent value every engine's reported log-probs are checked against."""
+    import torch
+
+    prompt = hf_engine.encode_prompt(question, image)
+    ids = torch.tensor([prompt.token_ids + prefix + new_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids, **prompt.image_inputs).logits[0].float()
+    start = len(prompt.token_ids) + len(prefix)
+    logp = logits[start - 1:start - 1 + len(new_ids)].log_softmax(-1)
+    return logp.gather(-1, torch.tensor(new_ids)[:, None]).squeeze(-1).tolist()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from csr_plugin.config import recipe_from_dict
 
@@ -114,7 +115,6 @@ def test_agent_rollout_is_a_valid_openrlhf_trajectory(openrlhf_side, tiny_root, 
 
     tree = response["csr_tree"]
     assert tree["id"] == record["id"] and tree["image"] == image
-    nodes = {n["id"]: n for n in tree["nodes"]}
     # the trajectory is a root-to-final path of the tree: its sentences in order, then EOS if it stopped
     path, end = [], len(prompt_ids)
     for sentence_end, reward in response["csr_sentence_rewards"]:
@@ -134,7 +134,7 @@ def test_agent_rollout_is_a_valid_openrlhf_trajectory(openrlhf_side, tiny_root, 
     # rollout log-probs line up with the tokens: equal to one independent forward of the model
     logprobs = response["rollout_log_probs"]
     assert len(logprobs) == len(tokens) and logprobs[:len(prompt_ids)] == [0.0] * len(prompt_ids)
-    inputs = processor(images=[__import__("PIL.Image").Image.open(image).convert("RGB")], text=[text],
+    inputs = processor(images=[Image.open(image).convert("RGB")], text=[text],
                        add_special_tokens=False, return_tensors="pt")
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([tokens]), pixel_values=inputs["pixel_values"]).logits[0].float()

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_engine
+from conftest import make_engine, reference_logprobs
 from csr_plugin.sampler.engine import Expansion
 from csr_plugin.sampler.sentence_end import ends_sentence, sentence_end_token_ids
 from csr_plugin.sampler.transformers_engine import counter_gumbel
@@ -35,17 +35,6 @@ def test_sentence_end_ids_come_from_the_tokenizer(tiny_model_and_processor):
         sentence_end_token_ids(tokenizer, ["\u2603"])
 
 
-def _reference_logprobs(model, processor, engine, question, image, prefix, new_ids):
-    """One unpadded forward over prompt + prefix + new tokens, no cache."""
-    prompt = engine.encode_prompt(question, image)
-    ids = torch.tensor([prompt.token_ids + prefix + new_ids])
-    with torch.no_grad():
-        logits = model(input_ids=ids, **prompt.image_inputs).logits[0].float()
-    start = len(prompt.token_ids) + len(prefix)
-    logp = logits[start - 1:start - 1 + len(new_ids)].log_softmax(-1)
-    return logp.gather(-1, torch.tensor(new_ids)[:, None]).squeeze(-1).tolist()
-
-
 @pytest.mark.parametrize("decoding", ["sample", "group_beam"])
 def test_logprobs_match_a_separate_forward_pass(tiny_model_and_processor, decoding):
     """Tolerance 1e-4 (fp32): batching, left padding and the KV cache change only rounding."""
@@ -63,7 +52,7 @@ def test_logprobs_match_a_separate_forward_pass(tiny_model_and_processor, decodi
                                                           "What shapes do you see in this picture?"],
                                                [(200, 30, 30), (0, 0, 255)], results):
         for cont in conts:
-            expected = _reference_logprobs(model, processor, engine, question, _image(colour),
+            expected = reference_logprobs(model, engine, question, _image(colour),
                                            request.prefix_ids, cont.token_ids)
             assert cont.logprobs == pytest.approx(expected, abs=1e-4)
 

@@ -99,3 +99,37 @@ def test_recipe_show_cli(capsys):
     out = capsys.readouterr().out
     assert "--nproc_per_node=4" in out and "Qwen/Qwen2.5-VL-7B-Instruct" in out
     assert "csr_plugin.training.dpo_main" in out
+
+
+def test_train_ppo_prepares_openrlhf_prompts_and_its_ray_environment(tiny_recipe_dict, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from csr_plugin.cli import main
+    from csr_plugin.openrlhf.dense_rewards import ENV_VAR, HOOK
+    from csr_plugin.openrlhf.ppo import runtime_env
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(dict(tiny_recipe_dict, output_dir=str(tmp_path / "out"))))
+    assert main(["train-ppo", "--config", str(path), "--prepare-only", "ppo.rollout_batch=8"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "ppo" / "prompts.jsonl").read_text().splitlines()]
+    source = [json.loads(line) for line in open(tiny_recipe_dict["data"]["prompts"])]
+    assert len(rows) == len(source)
+    for row, record in zip(rows, source):
+        # OpenRLHF's chat templating turns the <image> tag into the user message's image entry
+        assert row["input"] == "<image>" + record["question"]
+        label = json.loads(row["label"])
+        assert label["id"] == record["id"] and row["images"] == [label["image"]] and Path(label["image"]).is_file()
+
+    recipe = load_recipe(path, [])
+    env = runtime_env(recipe, str(path), ["reward.lambda=0.5"])
+    assert env["worker_process_setup_hook"] == HOOK and env["env_vars"][ENV_VAR] == "1"
+    assert env["env_vars"]["CSR_RECIPE"] == str(path.resolve())
+    assert env["env_vars"]["CSR_RECIPE_OVERRIDES"] == "reward.lambda=0.5"
+    scalar = runtime_env(load_recipe(path, ["ppo.dense_rewards=false"]), str(path), [])
+    assert "worker_process_setup_hook" not in scalar and ENV_VAR not in scalar["env_vars"]
+
+    if not __import__("torch").cuda.is_available():
+        assert main(["train-ppo", "--config", str(path)]) == 2
+        assert "needs GPUs" in capsys.readouterr().err

@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from conftest import make_engine
+from conftest import make_engine, reference_logprobs
 from csr_plugin.config import CurationConfig, ModelConfig, RewardConfig, SearchConfig, recipe_from_dict
 from csr_plugin.sampler.engine import Expansion
 from csr_plugin.sampler.search import PromptJob, SentenceBeamSearch
@@ -165,17 +164,6 @@ def test_encode_prompt_leaves_one_image_placeholder_and_checks_the_expanded_leng
         tight.encode_prompt("Describe the image.", _image())
 
 
-def _reference_logprobs(model, hf_engine, question, image, prefix, new_ids):
-    """One unpadded forward of the HF model over the expanded prompt + prefix + new tokens, no cache."""
-    prompt = hf_engine.encode_prompt(question, image)
-    ids = torch.tensor([prompt.token_ids + prefix + new_ids])
-    with torch.no_grad():
-        logits = model(input_ids=ids, **prompt.image_inputs).logits[0].float()
-    start = len(prompt.token_ids) + len(prefix)
-    logp = logits[start - 1:start - 1 + len(new_ids)].log_softmax(-1)
-    return logp.gather(-1, torch.tensor(new_ids)[:, None]).squeeze(-1).tolist()
-
-
 def test_expand_stops_right_and_reports_raw_logprobs(vllm, tiny_model_and_processor):
     """Tolerance 1e-4 (fp32): the stand-in's batched KV cache changes only rounding. Temperature 1.5 and
     top-p 0.9 change what is sampled, never the reported log-probs."""
@@ -204,7 +192,7 @@ def test_expand_stops_right_and_reports_raw_logprobs(vllm, tiny_model_and_proces
             assert not set(cont.token_ids) & rules.banned_ids, "generated a special token"
             assert cont.text == tok.decode(request.prefix_ids + cont.token_ids, skip_special_tokens=True)[
                 len(tok.decode(request.prefix_ids, skip_special_tokens=True)):]
-            expected = _reference_logprobs(model, hf_engine, question, _image(colour), request.prefix_ids,
+            expected = reference_logprobs(model, hf_engine, question, _image(colour), request.prefix_ids,
                                            cont.token_ids)
             assert cont.logprobs == pytest.approx(expected, abs=1e-4)
     # The random tiny model is near uniform: 4 of its 393 tokens end a sentence, so ~10% of 10-token samples

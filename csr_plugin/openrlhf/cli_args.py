@@ -59,6 +59,9 @@ def parse_openrlhf_args(module: str, argv: list[str]) -> Any:
         except SystemExit as exc:  # argparse: unknown flag, bad choice or type
             why = usage_errors.getvalue().strip().splitlines()[-1:] or [f"exit {exc.code}"]
             raise OpenRLHFArgsError(f"{module} rejected the arguments: {why[0]}") from None
+        except ImportError as exc:
+            raise OpenRLHFArgsError(f"cannot run {module}'s checks here: {exc}. They need OpenRLHF's own imports "
+                                    "(train_ppo_ray imports vllm): run --check where vllm is installed.") from None
         except AssertionError as exc:
             raise OpenRLHFArgsError(f"{module} rejected the arguments: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - its post-parse code failed on these arguments

@@ -19,7 +19,10 @@ from csr_plugin.config import ConfigError, Recipe
 
 AGENT_FILE = Path(__file__).with_name("agent.py")
 PPO_MODULE = "openrlhf.cli.train_ppo_ray"
-GROUP_ESTIMATORS = ("rloo", "reinforce_baseline", "group_norm", "dr_grpo")
+
+
+class NoGPUError(RuntimeError):
+    """OpenRLHF's PPO cannot run on this machine."""
 
 
 def ppo_dir(recipe: Recipe) -> Path:
@@ -131,7 +134,7 @@ def train_ppo(recipe: Recipe, config_path: str, overrides: list[str]) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError("csr train-ppo needs GPUs: OpenRLHF's PPO places its models on GPUs and rolls out "
+        raise NoGPUError("csr train-ppo needs GPUs: OpenRLHF's PPO places its models on GPUs and rolls out "
                            "with vLLM. `csr recipe show` prints the commands to run on a GPU cluster.")
     prompts, skipped = write_ppo_prompts(recipe)
     if skipped:

@@ -14,13 +14,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     if args.actors < 1:
         raise ConfigError(f"--actors must be >= 1, got {args.actors}.")
-    if args.ray_address and not args.ray:
-        raise ConfigError("--ray-address needs --ray (without it `csr sample` runs here, serially).")
+    if (args.ray_address or args.openrlhf) and not args.ray:
+        raise ConfigError("--ray-address and --openrlhf need --ray (without it `csr sample` runs here, serially).")
     recipe = load_recipe(args.config, args.overrides)
     if args.ray:
         from csr_plugin.ray_sampling import sample_on_ray
 
-        summary = sample_on_ray(recipe, args.actors, args.ray_address, progress=not args.quiet)
+        summary = sample_on_ray(recipe, args.actors, args.ray_address, progress=not args.quiet,
+                                openrlhf_engines=args.openrlhf)
     else:
         summary = sample(recipe, progress=not args.quiet)
     print(summary)
@@ -143,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 2)")
     p.add_argument("--ray-address", metavar="ADDR", help="existing Ray cluster (auto, host:6379, "
                    "ray://host:10001); default: start a local one")
+    p.add_argument("--openrlhf", action="store_true", help="with --ray: the actors are OpenRLHF's vLLM rollout "
+                   "actors running our agent executor (GPUs, needs vllm)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
     p.set_defaults(func=_cmd_sample)
 

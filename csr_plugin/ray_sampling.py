@@ -138,13 +138,35 @@ class _Slot:
     culprit: Any = None                            # once it died: the call it was running
 
 
+class _SearchActors:
+    """Our sampling actors (transformers or vLLM engine inside): one chunk of prompts per call."""
+
+    in_flight_per_actor = IN_FLIGHT_PER_ACTOR
+
+    def __init__(self, recipe: Recipe, use_gpu: bool):
+        self.actor = _actor_class().options(max_restarts=0, **_actor_options(use_gpu))
+        self.recipe = _actor_recipe(recipe)
+        self.chunk_size = recipe.search.batch_prompts
+
+    def new_actor(self):
+        return self.actor.remote(self.recipe)
+
+    def submit(self, actor, prompts: list[PromptRecord]):
+        return actor.search_chunk.remote([asdict(p) for p in prompts])
+
+    @staticmethod
+    def unpack(result: dict) -> tuple[list[dict], list[dict]]:
+        return result["trees"], result["errors"]
+
+
 class _Dispatcher:
-    def __init__(self, ray, new_actor: Callable[[], Any], outputs: SampleOutputs, bar: tqdm, work: list[_Chunk],
+    def __init__(self, ray, backend, outputs: SampleOutputs, bar: tqdm, work: list[_Chunk],
                  num_actors: int, max_attempts: int, on_progress: Optional[Callable[[int, list], None]]):
-        self.ray, self.new_actor, self.outputs, self.bar = ray, new_actor, outputs, bar
+        self.ray, self.backend, self.outputs, self.bar = ray, backend, outputs, bar
+        self.new_actor = backend.new_actor
         self.max_attempts, self.on_progress = max_attempts, on_progress
         self.queue = deque(work)
-        self.slots = [_Slot(new_actor()) for _ in range(min(num_actors, len(work)))]
+        self.slots = [_Slot(self.new_actor()) for _ in range(min(num_actors, len(work)))]
         self.in_flight: dict[Any, tuple[_Slot, _Chunk]] = {}   # in submission order
 
     def run(self) -> None:
@@ -162,11 +184,11 @@ class _Dispatcher:
                 self.ray.kill(slot.actor)
 
     def _submit(self) -> None:
-        for depth in range(1, IN_FLIGHT_PER_ACTOR + 1):   # round robin: every actor gets work before any gets two
+        for depth in range(1, self.backend.in_flight_per_actor + 1):   # round robin: all get work before any two
             for slot in self.slots:
                 if self.queue and len(slot.running) < depth:
                     chunk = self.queue.popleft()
-                    ref = slot.actor.search_chunk.remote([asdict(p) for p in chunk.prompts])
+                    ref = self.backend.submit(slot.actor, chunk.prompts)
                     slot.running.append(ref)
                     self.in_flight[ref] = (slot, chunk)
 
@@ -188,7 +210,7 @@ class _Dispatcher:
         except self.ray.exceptions.RayError as exc:   # raised past the per-prompt isolation, or its result was lost
             self._retry(chunk, f"search failed: {_reason(exc)}")
         else:
-            self.outputs.add(result["trees"], result["errors"])
+            self.outputs.add(*self.backend.unpack(result))
             self.bar.update(len(chunk.prompts))
             if self.on_progress:
                 self.on_progress(self.outputs.summary.done, [s.actor for s in self.slots])
@@ -209,13 +231,15 @@ class _Dispatcher:
 
 
 def sample_on_ray(recipe: Recipe, num_actors: int, address: Optional[str] = None, progress: bool = True,
-                  max_attempts: int = 3, on_progress: Optional[Callable[[int, list], None]] = None
-                  ) -> SampleSummary:
+                  max_attempts: int = 3, on_progress: Optional[Callable[[int, list], None]] = None,
+                  openrlhf_engines: bool = False, actor_env: Optional[dict] = None) -> SampleSummary:
     """`sample` on `num_actors` Ray actors: same trees.jsonl, errors.jsonl and resume behaviour.
 
     ``address``: an existing cluster (``auto``, ``ray://host:10001``, ``host:6379``); None starts a local
     one for this run. ``on_progress(trees_written, live_actor_handles)`` runs after each finished chunk
-    is on disk (tests kill an actor from it).
+    is on disk (tests kill an actor from it). ``openrlhf_engines``: the actors are OpenRLHF's vLLM
+    rollout actors running our agent executor (openrlhf_engines.py) instead of our own sampling
+    actors. ``actor_env``: extra environment variables for the actors.
     """
     if num_actors < 1:
         raise ValueError(f"--actors must be >= 1, got {num_actors}.")
@@ -229,14 +253,23 @@ def sample_on_ray(recipe: Recipe, num_actors: int, address: Optional[str] = None
             owns_ray = _connect(ray, address)
             try:
                 use_gpu = _needs_gpu(recipe, ray.cluster_resources().get("GPU", 0))
-                work = [_Chunk(c) for c in chunks(outputs.todo, recipe.search.batch_prompts)]
+                todo = outputs.todo
+                if openrlhf_engines:
+                    from csr_plugin.openrlhf.engines import OpenRLHFEngines, screen_prompts
+
+                    todo, rejected = screen_prompts(todo)
+                    outputs.add([], rejected)
+                    use_gpu = ray.cluster_resources().get("GPU", 0) > 0   # vLLM itself decides the device
+                    backend = OpenRLHFEngines(recipe, use_gpu, actor_env or {})
+                else:
+                    backend = _SearchActors(recipe, use_gpu)
+                    if actor_env:
+                        backend.actor = backend.actor.options(runtime_env={"env_vars": {
+                            **_actor_options(use_gpu)["runtime_env"]["env_vars"], **actor_env}})
+                work = [_Chunk(c) for c in chunks(todo, backend.chunk_size)]
                 _warn_if_cluster_too_small(ray, min(num_actors, len(work)), use_gpu)
-                actor = _actor_class().options(max_restarts=0, **_actor_options(use_gpu))
-                actor_recipe = _actor_recipe(recipe)
-                with tqdm(total=len(outputs.todo), desc="csr sample --ray", unit="prompt",
-                          disable=not progress) as bar:
-                    _Dispatcher(ray, lambda: actor.remote(actor_recipe), outputs, bar, work, num_actors,
-                                max_attempts, on_progress).run()
+                with tqdm(total=len(todo), desc="csr sample --ray", unit="prompt", disable=not progress) as bar:
+                    _Dispatcher(ray, backend, outputs, bar, work, num_actors, max_attempts, on_progress).run()
             finally:
                 if owns_ray:
                     ray.shutdown()

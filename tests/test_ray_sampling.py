@@ -159,3 +159,50 @@ def test_actors_that_cannot_load_the_models_stop_the_run(cluster, make_recipe, t
     recipe.model.path = str(tmp_path / "no-such-model")
     with pytest.raises(RuntimeError, match="could not load the models. Check model.path"):
         sample_on_ray(recipe, num_actors=2, progress=False)
+
+
+STAND_IN = str(REPO / "tests" / "stand_in_vllm")
+
+
+@pytest.fixture
+def stand_in_vllm(monkeypatch):
+    """The test-only vLLM stand-in, importable here and (through actor_env) in the Ray actors."""
+    monkeypatch.syspath_prepend(STAND_IN)
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    yield {"PYTHONPATH": STAND_IN}
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        sys.modules.pop(name, None)
+
+
+def test_openrlhf_rollout_actors_with_our_agent_lose_nothing(cluster, make_recipe, tmp_path, stand_in_vllm,
+                                                             tiny_model_and_processor, tiny_clip):
+    """OpenRLHF's real RolloutRayActor, our agent loaded by its agent_func_path, over the vLLM stand-in;
+    one engine is killed mid-run. The trees equal a serial `csr sample` with search.engine: vllm."""
+    import vllm
+
+    from csr_plugin.sampler.vllm_engine import VllmEngine
+
+    serial_out = tmp_path / "serial"
+    recipe = make_recipe(serial_out, engine="vllm")
+    model, processor = tiny_model_and_processor
+    engine = VllmEngine(vllm.LLM.from_loaded(model, processor), processor, recipe.search)
+    sample(recipe, engine=engine, clip=tiny_clip, progress=False)
+    expected = {tree["id"]: tree for tree in load_records(serial_out / "trees.jsonl")}
+
+    killed = []
+
+    def kill_one_engine(done, actors):
+        if done >= 1 and not killed:
+            killed.append(actors[0])
+            ray.kill(actors[0], no_restart=True)
+
+    out = tmp_path / "engines"
+    summary = sample_on_ray(make_recipe(out, engine="vllm"), num_actors=2, progress=False, openrlhf_engines=True,
+                            actor_env=stand_in_vllm, on_progress=kill_one_engine)
+    assert killed
+    assert (summary.done, sum(summary.skipped.values())) == (len(expected), 0)
+    trees = load_records(out / "trees.jsonl")
+    _assert_same_trees(trees, expected)
+    assert [t["prompt"] for t in sorted(trees, key=lambda t: t["id"])] == \
+           [expected[i]["prompt"] for i in sorted(expected)]   # the question, not the templated prompt

@@ -23,6 +23,10 @@ per-sentence rewards under ``csr_sentence_rewards`` for the step-wise PPO
 patch (``dense_rewards.py``; ignored by OpenRLHF otherwise), and the whole
 search tree under ``csr_tree`` for CSR data generation.
 
+Labels may be JSON ``{"id", "image", "question", "deterministic"}`` (all optional; a plain
+image path works too): ``id`` and ``question`` name the tree, ``deterministic`` seeds the
+search by the id alone (data generation) instead of afresh per call (PPO).
+
 The recipe comes from ``CSR_RECIPE`` / ``CSR_RECIPE_OVERRIDES`` (env_recipe.py).
 """
 from __future__ import annotations
@@ -147,9 +151,11 @@ class AgentExecutor(AgentExecutorBase):
                               sampling_params, max_context=max_length)
         fields = _label_fields(label)
         tree_id = str(fields.get("id") or uuid.uuid4().hex)
-        # A fresh nonce per call: OpenRLHF calls us n_samples_per_prompt times for one prompt,
-        # and each call must draw its own trajectory.
-        job = PromptJob(id=f"{tree_id}#{uuid.uuid4().hex}", image=image_key, question=prompt,
+        # A fresh nonce per call: OpenRLHF calls us n_samples_per_prompt times for one prompt, and each
+        # call must draw its own trajectory. Data generation (`csr sample --ray` on OpenRLHF's engines)
+        # asks for "deterministic": the tree then depends on search.seed and the id only, as in `csr sample`.
+        seed_key = tree_id if fields.get("deterministic") else f"{tree_id}#{uuid.uuid4().hex}"
+        job = PromptJob(id=seed_key, image=image_key, question=str(fields.get("question") or prompt),
                         image_data=pil_images[0], encoded=EncodedPrompt(prompt_ids, {"image": pil_images}))
         search = SentenceBeamSearch(engine, self.clip, recipe.search, recipe.reward, recipe.curation)
         tree = (await asyncio.to_thread(search.run, [job]))[0]

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from csr_plugin.config import ModelConfig, SearchConfig
-from csr_plugin.multimodal import LLAVA_PROMPT, concat_image_inputs
+from csr_plugin.multimodal import chat_prompt, concat_image_inputs
 from csr_plugin.reward.clip_relevance import resolve_device
 from csr_plugin.sampler.engine import Continuation, EncodedPrompt, Expansion, stable_seed
 from csr_plugin.sampler.sentence_end import sentence_end_token_ids
@@ -118,11 +118,7 @@ class TransformersEngine:
 
     # ----------------------------------------------------------------- prompts
     def prompt_text(self, question: str) -> str:
-        if getattr(self.processor, "chat_template", None):
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        image_token = getattr(self.processor, "image_token", "<image>")
-        return LLAVA_PROMPT.format(image=image_token, question=question)
+        return chat_prompt(self.processor, question)
 
     def encode_prompt(self, question: str, image) -> EncodedPrompt:
         inputs = self.processor(images=image, text=self.prompt_text(question), return_tensors="pt")

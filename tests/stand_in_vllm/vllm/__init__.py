@@ -30,8 +30,8 @@ from vllm.sampling_params import SamplingParams
 from vllm.utils import random_uuid
 
 __version__ = "0.10.2"
-__all__ = ["LLM", "AsyncStandInEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
-           "TokensPrompt"]
+__all__ = ["LLM", "AsyncStandInEngine", "AsyncEngineArgs", "AsyncLLMEngine", "SamplingParams", "RequestOutput",
+           "CompletionOutput", "Logprob", "TokensPrompt"]
 
 
 class LLM:
@@ -202,3 +202,49 @@ class AsyncStandInEngine:
         outputs = await asyncio.to_thread(self.llm.generate, [prompt], [copy.deepcopy(sampling_params)],
                                           use_tqdm=False)
         return outputs[0]
+
+
+class AsyncEngineArgs:
+    """``vllm.AsyncEngineArgs(**kwargs)`` as OpenRLHF's RolloutRayActor builds it: the kwargs, kept."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+class _OutputProcessor:
+    def __init__(self):
+        self.unfinished = 0
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.unfinished
+
+
+class AsyncLLMEngine:
+    """The slice of ``vllm.AsyncLLMEngine`` OpenRLHF's RolloutRayActor uses to serve agent executors:
+    ``from_engine_args``, ``is_sleeping``, ``generate`` (an async generator of RequestOutputs, here
+    just the final one) and ``output_processor.get_num_unfinished_requests``. Requests run in threads,
+    so concurrent ones overlap as they do in vLLM."""
+
+    def __init__(self, llm: LLM):
+        self.llm = llm
+        self.output_processor = _OutputProcessor()
+
+    @classmethod
+    def from_engine_args(cls, args: AsyncEngineArgs) -> "AsyncLLMEngine":
+        kwargs = dict(args.kwargs)
+        model = kwargs.pop("model")
+        # GPU-only options (placement, sleep mode, worker extensions) mean nothing here
+        keep = {k: kwargs[k] for k in ("dtype", "trust_remote_code", "max_model_len") if k in kwargs}
+        return cls(LLM(model=model, **keep))
+
+    async def is_sleeping(self) -> bool:
+        return False
+
+    async def generate(self, prompt: TokensPrompt, sampling_params: SamplingParams, request_id: str):
+        self.output_processor.unfinished += 1
+        try:
+            outputs = await asyncio.to_thread(self.llm.generate, [prompt], [copy.deepcopy(sampling_params)],
+                                              use_tqdm=False)
+        finally:
+            self.output_processor.unfinished -= 1
+        yield outputs[0]

@@ -47,6 +47,9 @@ def show(recipe: Recipe, config_path: str, overrides: list[str]) -> str:
         "",
         f"# sampling on a Ray cluster instead ({recipe.search.engine} engine per actor):",
         _csr("sample", "--config", config_path, *overrides, "--ray", "--actors", "8", "--ray-address", "auto"),
+        "# or on OpenRLHF's vLLM rollout actors running our agent executor (the PPO rollout code):",
+        _csr("sample", "--config", config_path, *overrides, "--ray", "--openrlhf", "--actors", "8",
+             "--ray-address", "auto"),
         "",
         f"# PPO / REINFORCE with CSR rollouts (estimator {recipe.ppo.estimator}, "
         f"{'step-wise' if recipe.ppo.dense_rewards else 'one scalar per response'} rewards); "

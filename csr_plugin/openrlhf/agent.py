@@ -35,6 +35,7 @@ import asyncio
 import json
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 from openrlhf.utils.agent import AgentExecutorBase
@@ -46,6 +47,11 @@ from csr_plugin.openrlhf.response_reward import image_from_label
 from csr_plugin.sampler.engine import Continuation, EncodedPrompt, Expansion
 from csr_plugin.sampler.search import Node, PromptJob, SearchTree, SentenceBeamSearch, path_score
 from csr_plugin.sampler.vllm_engine import VllmSentenceRules
+
+# Searches mostly wait on the event loop for vLLM, so one thread each is cheap; asyncio's default pool
+# (min(32, CPUs + 4) threads) would cap how many prompts an engine searches, and vLLM batches, at once.
+SEARCH_THREADS = 512
+
 
 class _SerialClip:
     """CLIP shared by the concurrent searches of one worker; its image cache is not thread-safe."""
@@ -158,7 +164,8 @@ class AgentExecutor(AgentExecutorBase):
         job = PromptJob(id=seed_key, image=image_key, question=str(fields.get("question") or prompt),
                         image_data=pil_images[0], encoded=EncodedPrompt(prompt_ids, {"image": pil_images}))
         search = SentenceBeamSearch(engine, self.clip, recipe.search, recipe.reward, recipe.curation)
-        tree = (await asyncio.to_thread(search.run, [job]))[0]
+        pool = shared("search-threads", lambda: ThreadPoolExecutor(SEARCH_THREADS, thread_name_prefix="csr-search"))
+        tree = (await asyncio.get_running_loop().run_in_executor(pool, search.run, [job]))[0]
         tree.id = tree_id
         return self._response(prompt, label, images, mm_train_inputs, prompt_ids, tree, engine,
                               with_logprobs=getattr(sampling_params, "logprobs", None) is not None)

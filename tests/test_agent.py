@@ -103,7 +103,9 @@ def test_agent_rollout_is_a_valid_openrlhf_trajectory(openrlhf_side, tiny_root, 
     engine = RolloutActorLike(model, processor)
     record, image = _prompt(tiny_root)
     text = _templated(processor, record["question"])
-    label = json.dumps({"id": record["id"], "image": image})
+    # deterministic seeding: the same tree every run (with a fresh nonce per call the tree, and so
+    # how many expansions a step has, would vary from run to run)
+    label = json.dumps({"id": record["id"], "image": image, "deterministic": True})
     [response] = _execute(executor, processor, engine, text, label, image)
 
     from openrlhf.utils.vlm_utils import process_prompt_with_images

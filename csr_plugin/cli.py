@@ -129,6 +129,10 @@ def _cmd_recipe_show(args: argparse.Namespace) -> int:
         print(f"# checked against OpenRLHF's own parsers and assertions: {', '.join(checked)}")
     return 0
 
+def _add_overrides(parser: argparse.ArgumentParser, help: str = "recipe overrides") -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csr", description="Calibrated Self-Rewarding (CSR) for VLMs, in OpenRLHF.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -146,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "ray://host:10001); default: start a local one")
     p.add_argument("--openrlhf", action="store_true", help="with --ray: the actors are OpenRLHF's vLLM rollout "
                    "actors running our agent executor (GPUs, needs vllm)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("curate", help="search trees -> chosen/rejected preference pairs (JSONL)",
@@ -156,19 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="recipe YAML whose `curation` section to use")
     p.add_argument("--min-margin", type=float, default=0.0, help="drop pairs with a smaller reward margin")
     p.add_argument("--sum", action="store_true", help="score responses by the sum, not the mean, of rewards")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides (with --config)")
+    _add_overrides(p, "recipe overrides (with --config)")
     p.set_defaults(func=_cmd_curate)
 
     p = sub.add_parser("train-dpo", help="multimodal DPO / IPO / TDPO on OpenRLHF's DeepSpeed trainer (ZeRO-3)",
                        description="Trains model.path on dpo.pairs; writes <output_dir>/final. Resumable.")
     p.add_argument("--config", required=True, help="recipe YAML with a `dpo` section")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_train_dpo)
 
     p = sub.add_parser("run", help="the iterative CSR loop: sample -> curate -> DPO, T times, resumable",
                        description="Writes iter_<t>/ folders, metrics.jsonl and metrics.png under output_dir.")
     p.add_argument("--config", required=True, help="recipe YAML with `loop` and `dpo` sections")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("eval", help="hallucination of a checkpoint: CHAIR_s, CHAIR_i, object recall, POPE",
@@ -176,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="recipe YAML with an `eval` section")
     p.add_argument("--model", help="checkpoint to evaluate (default: model.path)")
     p.add_argument("--out", help="write the full result as JSON here")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("serve-reward", help="HTTP server for OpenRLHF's --reward.remote_url: calibrated rewards",
@@ -188,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=64, help="responses per scoring forward")
     p.add_argument("--max-queue", type=int, default=1024, help="requests waiting before a 503")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds before a waiting request gets a 504")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_serve_reward)
 
     p = sub.add_parser("demo", help="the toy world end to end: CSR iterations lower measured hallucination",
@@ -200,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda", dest="lambda_", type=float, default=0.9, help="CLIP weight (default: 0.9)")
     p.add_argument("--config", default="recipes/toy.yaml", help="recipe (default: recipes/toy.yaml)")
     p.add_argument("--quick", action="store_true", help="a smaller world and weaker models built in about a minute")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("train-ppo", help="OpenRLHF PPO / REINFORCE with CSR rollouts and step-wise rewards (GPUs)",
@@ -209,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="recipe YAML with a `ppo` section")
     p.add_argument("--prepare-only", action="store_true",
                    help="only write the OpenRLHF prompt dataset (for `ray job submit`, see `csr recipe show`)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_train_ppo)
 
     p = sub.add_parser("recipe", help="`csr recipe show R.yaml`: the exact csr / torchrun / OpenRLHF / ray commands",
@@ -219,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = recipe_sub.add_parser("show", help="print the commands")
     q.add_argument("recipe", help="recipe YAML")
     q.add_argument("--check", action="store_true", help="validate the flags with OpenRLHF's parsers")
-    q.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    _add_overrides(q)
     q.set_defaults(func=_cmd_recipe_show)
     return parser
 

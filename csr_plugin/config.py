@@ -25,6 +25,12 @@ def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
 
+def _at_least(section: Any, where: str, minimum: int, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(section, name) < minimum:
+            raise ConfigError(f"`{where}.{name}` must be >= {minimum}, got {getattr(section, name)}.")
+
+
 @dataclass
 class ModelConfig:
     path: str = _help("HF VLM folder or hub id (AutoModelForImageTextToText + AutoProcessor).", default="")
@@ -109,12 +115,8 @@ class SearchConfig:
     seed: int = _help("Random seed for sampling.", default=0)
 
     def validate(self, where: str) -> None:
-        for name in ("beam_width", "candidates", "max_sentences", "max_new_tokens", "batch_prompts"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"`{where}.{name}` must be >= 1, got {getattr(self, name)}.")
-        for name in ("keep_top", "keep_bottom", "min_sentence_chars"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"`{where}.{name}` must be >= 0, got {getattr(self, name)}.")
+        _at_least(self, where, 1, ("beam_width", "candidates", "max_sentences", "max_new_tokens", "batch_prompts"))
+        _at_least(self, where, 0, ("keep_top", "keep_bottom", "min_sentence_chars"))
         if self.keep_top + self.keep_bottom != self.beam_width:
             raise ConfigError(
                 f"`{where}.beam_width` ({self.beam_width}) must equal keep_top + keep_bottom "
@@ -180,12 +182,8 @@ class DPOConfig:
     def validate(self, where: str) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"`{where}.zero_stage` must be 0, 1, 2 or 3, got {self.zero_stage}.")
-        for name in ("nproc", "epochs", "micro_batch", "batch", "max_len", "kl_chunk"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"`{where}.{name}` must be >= 1, got {getattr(self, name)}.")
-        for name in ("lora_rank", "ckpt_steps", "weight_decay", "max_norm"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"`{where}.{name}` must be >= 0, got {getattr(self, name)}.")
+        _at_least(self, where, 1, ("nproc", "epochs", "micro_batch", "batch", "max_len", "kl_chunk"))
+        _at_least(self, where, 0, ("lora_rank", "ckpt_steps", "weight_decay", "max_norm"))
         if self.beta <= 0 or self.lr <= 0:
             raise ConfigError(f"`{where}.beta` and `{where}.lr` must be > 0, got {self.beta} and {self.lr}.")
         if not 0.0 <= self.label_smoothing < 0.5:
@@ -240,11 +238,9 @@ class PPOConfig:
     seed: int = _help("Seed.", default=42)
 
     def validate(self, where: str) -> None:
-        for name in ("n_samples_per_prompt", "rollout_batch", "micro_rollout_batch", "train_batch",
-                     "micro_train_batch", "episodes", "epochs", "max_len", "nodes", "gpus_per_node",
-                     "vllm_engines", "vllm_tp"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"`{where}.{name}` must be >= 1, got {getattr(self, name)}.")
+        _at_least(self, where, 1, ("n_samples_per_prompt", "rollout_batch", "micro_rollout_batch", "train_batch",
+                                   "micro_train_batch", "episodes", "epochs", "max_len", "nodes", "gpus_per_node",
+                                   "vllm_engines", "vllm_tp"))
         if self.estimator == "gae":
             raise ConfigError(f"`{where}.estimator: gae` needs a critic, and OpenRLHF 0.11 trains none for "
                               "vision-language models; use reinforce_baseline, rloo, group_norm or reinforce.")
@@ -287,9 +283,7 @@ class EvalConfig:
     def validate(self, where: str) -> None:
         if self.prompts and not (self.truth and self.vocabulary):
             raise ConfigError(f"`{where}.prompts` is set: `{where}.truth` and `{where}.vocabulary` are needed too.")
-        for name in ("pope_per_image", "max_new_tokens", "batch"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"`{where}.{name}` must be >= 1, got {getattr(self, name)}.")
+        _at_least(self, where, 1, ("pope_per_image", "max_new_tokens", "batch"))
 
 
 @dataclass

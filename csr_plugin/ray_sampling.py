@@ -71,15 +71,15 @@ def _needs_gpu(recipe: Recipe, cluster_gpus: float) -> bool:
             or ("auto" in devices and cluster_gpus > 0))
 
 
-def _actor_options(use_gpu: bool) -> dict:
-    env = {"FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE", "TOKENIZERS_PARALLELISM": "false"}
+def _actor_options(use_gpu: bool, extra_env: Optional[dict] = None) -> dict:
+    env = {"FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE", "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     if use_gpu:
         return {"num_cpus": 1, "num_gpus": 1, "runtime_env": {"env_vars": env}}
     # one core per actor: more torch threads than that only fight the other actors
     return {"num_cpus": 1, "runtime_env": {"env_vars": dict(env, OMP_NUM_THREADS="1")}}
 
 
-def _actor_recipe(recipe: Recipe) -> dict:
+def actor_recipe(recipe: Recipe) -> dict:
     """The recipe as the actors need it: they run in Ray's own folder, each GPU actor sees one device."""
     data = recipe_to_dict(recipe)
     for section, key in (("model", "path"), ("clip", "config"), ("clip", "pretrained")):
@@ -143,9 +143,9 @@ class _SearchActors:
 
     in_flight_per_actor = IN_FLIGHT_PER_ACTOR
 
-    def __init__(self, recipe: Recipe, use_gpu: bool):
-        self.actor = _actor_class().options(max_restarts=0, **_actor_options(use_gpu))
-        self.recipe = _actor_recipe(recipe)
+    def __init__(self, recipe: Recipe, use_gpu: bool, extra_env: Optional[dict] = None):
+        self.actor = _actor_class().options(max_restarts=0, **_actor_options(use_gpu, extra_env))
+        self.recipe = actor_recipe(recipe)
         self.chunk_size = recipe.search.batch_prompts
 
     def new_actor(self):
@@ -262,10 +262,7 @@ def sample_on_ray(recipe: Recipe, num_actors: int, address: Optional[str] = None
                     use_gpu = ray.cluster_resources().get("GPU", 0) > 0   # vLLM itself decides the device
                     backend = OpenRLHFEngines(recipe, use_gpu, actor_env or {})
                 else:
-                    backend = _SearchActors(recipe, use_gpu)
-                    if actor_env:
-                        backend.actor = backend.actor.options(runtime_env={"env_vars": {
-                            **_actor_options(use_gpu)["runtime_env"]["env_vars"], **actor_env}})
+                    backend = _SearchActors(recipe, use_gpu, actor_env)
                 work = [_Chunk(c) for c in chunks(todo, backend.chunk_size)]
                 _warn_if_cluster_too_small(ray, min(num_actors, len(work)), use_gpu)
                 with tqdm(total=len(todo), desc="csr sample --ray", unit="prompt", disable=not progress) as bar:

@@ -26,10 +26,18 @@ def dpo_iteration(recipe: Recipe, config_path: str, overrides: list[str], t: int
         "curate": ["curate", "--trees", str(out / "trees.jsonl"), "--out", pairs, "--config", config_path,
                    *overrides],
         "dpo": worker_command(recipe, config_path, overrides, model, pairs, dpo_dir),
-        # shown for the GPU cluster the commands are meant for, whatever machine prints them
-        "openrlhf_dpo_flags": to_argv({k: v for k, v in dpo_flags(recipe.dpo, model, pairs, dpo_dir, gpu=True).items()
-                                       if v is not None and v is not False}),
+        "openrlhf_dpo_flags": to_argv(_openrlhf_dpo_flags(recipe, model, pairs, dpo_dir)),
     }
+
+
+def _openrlhf_dpo_flags(recipe: Recipe, model: str, pairs: str, dpo_dir: str) -> dict:
+    """Our DPO ranks' flags as OpenRLHF's train_dpo CLI would take them, for the GPU cluster the commands
+    are meant for whatever machine prints them. Its CLI has no fp32 (our CPU worker runs fp32): an
+    explicit `dpo.dtype: fp32` is left to OpenRLHF's default there."""
+    flags = dpo_flags(recipe.dpo, model, pairs, dpo_dir, gpu=True)
+    if flags["ds.param_dtype"] == "fp32":
+        del flags["ds.param_dtype"]
+    return flags
 
 
 def show(recipe: Recipe, config_path: str, overrides: list[str]) -> str:
@@ -69,11 +77,7 @@ def check(recipe: Recipe, config_path: str, overrides: list[str]) -> list[str]:
     from csr_plugin.openrlhf.cli_args import parse_openrlhf_args
     from csr_plugin.openrlhf.ppo import PPO_MODULE, ppo_dir, ppo_flags
 
-    dpo_argv = dpo_iteration(recipe, config_path, overrides, 1)["openrlhf_dpo_flags"]
-    if "fp32" in dpo_argv:  # our DPO worker runs fp32 (CPU); OpenRLHF's own CLI offers only bf16 / fp16
-        at = dpo_argv.index("fp32")
-        dpo_argv = dpo_argv[:at - 1] + dpo_argv[at + 1:]
-    parse_openrlhf_args("openrlhf.cli.train_dpo", dpo_argv)
+    parse_openrlhf_args("openrlhf.cli.train_dpo", dpo_iteration(recipe, config_path, overrides, 1)["openrlhf_dpo_flags"])
     parse_openrlhf_args(PPO_MODULE, to_argv(ppo_flags(recipe, ppo_dir(recipe) / "prompts.jsonl")))
     return ["openrlhf.cli.train_dpo", PPO_MODULE]
 

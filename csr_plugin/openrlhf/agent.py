@@ -44,7 +44,7 @@ from csr_plugin.config import Recipe
 from csr_plugin.openrlhf.env_recipe import recipe_from_env
 from csr_plugin.openrlhf.per_process import shared
 from csr_plugin.openrlhf.response_reward import image_from_label
-from csr_plugin.sampler.engine import Continuation, EncodedPrompt, Expansion
+from csr_plugin.sampler.engine import Continuation, EncodedPrompt, Expansion, never_sampled_ids
 from csr_plugin.sampler.search import Node, PromptJob, SearchTree, SentenceBeamSearch, path_score
 from csr_plugin.sampler.vllm_engine import VllmSentenceRules
 
@@ -65,12 +65,8 @@ class _SerialClip:
             return self.clip.score(items)
 
 
-def _tokenizer_of(processor):
-    return getattr(processor, "tokenizer", processor)
-
-
 def _rules_for(processor, recipe: Recipe) -> VllmSentenceRules:
-    tokenizer = _tokenizer_of(processor)
+    tokenizer = getattr(processor, "tokenizer", processor)
     key = ("rules", getattr(tokenizer, "name_or_path", ""), len(tokenizer), tuple(recipe.search.delimiters))
 
     def build():
@@ -79,8 +75,8 @@ def _rules_for(processor, recipe: Recipe) -> VllmSentenceRules:
         if None in eos_ids:
             raise ValueError("the tokenizer OpenRLHF passed defines no EOS token; set eos_token in its config.")
         image_token = getattr(processor, "image_token_id", None) or getattr(tokenizer, "image_token_id", None)
-        banned = (set(tokenizer.all_special_ids) | {image_token}) - eos_ids - {None}
-        return VllmSentenceRules(tokenizer, recipe.search, eos_ids, banned)
+        return VllmSentenceRules(tokenizer, recipe.search, eos_ids,
+                                 never_sampled_ids(tokenizer, eos_ids, image_token, len(tokenizer)))
 
     return shared(key, build)
 

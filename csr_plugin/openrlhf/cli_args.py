@@ -31,7 +31,7 @@ class OpenRLHFArgsError(ConfigError):
 
 
 @contextmanager
-def _argv(argv: list[str]) -> Iterator[None]:
+def argv_as(argv: list[str]) -> Iterator[None]:
     saved = sys.argv
     sys.argv = argv
     try:
@@ -50,7 +50,7 @@ def parse_openrlhf_args(module: str, argv: list[str]) -> Any:
     # train() calls ray.init when Ray is down: pretend it is up, the check must not start a cluster.
     usage_errors = io.StringIO()
     with mock.patch.object(openrlhf.utils, "get_strategy", stop), mock.patch("ray.is_initialized", lambda: True), \
-            _argv([module, *argv]):
+            argv_as([module, *argv]):
         try:
             with redirect_stderr(usage_errors):
                 runpy.run_module(module, run_name="__main__", alter_sys=False)

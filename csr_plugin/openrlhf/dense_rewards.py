@@ -65,16 +65,20 @@ def token_rewards(sentence_rewards: Sequence[Sequence[float]], action_mask: torc
     return row
 
 
+def _wrap_once(owner: Any, name: str, wrap: Callable[[Callable], Callable]) -> None:
+    """``owner.name = wrap(owner.name)``, marked as ours, unless it already is (install() is idempotent)."""
+    original = getattr(owner, name)
+    if getattr(original, _PATCHED, False):
+        return
+    wrapped = functools.wraps(original)(wrap(original))
+    setattr(wrapped, _PATCHED, True)
+    setattr(owner, name, wrapped)
+
+
 # ── samples_generator: response dict -> per-token reward row ──
 
 
-def _patch_samples_generator(module: ModuleType) -> None:
-    cls = module.SamplesGenerator
-    process = cls._process_response_into_experience
-    if getattr(process, _PATCHED, False):
-        return
-
-    @functools.wraps(process)
+def _dense_process_response(process: Callable) -> Callable:
     def _process_response_into_experience(self, response, **generate_kwargs):
         experience = process(self, response, **generate_kwargs)
         # Every sample gets a row, zeros when the agent sent none: OpenRLHF merges info dicts
@@ -83,8 +87,11 @@ def _patch_samples_generator(module: ModuleType) -> None:
         experience.info[INFO_KEY] = token_rewards(response.get(RESPONSE_KEY) or [], experience.action_mask)
         return experience
 
-    setattr(_process_response_into_experience, _PATCHED, True)
-    cls._process_response_into_experience = _process_response_into_experience
+    return _process_response_into_experience
+
+
+def _patch_samples_generator(module: ModuleType) -> None:
+    _wrap_once(module.SamplesGenerator, "_process_response_into_experience", _dense_process_response)
 
 
 # ── experience_maker: dense rewards through OpenRLHF's own advantage code ──
@@ -118,7 +125,6 @@ _BATCH: contextvars.ContextVar[_DenseBatch | None] = contextvars.ContextVar("csr
 def _dense_compute_reward(scalar: Callable) -> Callable:
     """experience_maker's compute_reward: OpenRLHF's own outside a dense batch, dense inside one."""
 
-    @functools.wraps(scalar)
     def compute_reward(r, kl_coef, kl, action_mask=None, reward_clip_range=None):
         import torch
 
@@ -150,18 +156,10 @@ def _dense_compute_reward(scalar: Callable) -> Callable:
         reward = scalar(residual, kl_coef, kl, action_mask=action_mask, reward_clip_range=reward_clip_range)
         return reward + dense.to(reward.dtype)
 
-    setattr(compute_reward, _PATCHED, True)
     return compute_reward
 
 
-def _patch_experience_maker(module: ModuleType) -> None:
-    cls = module.RemoteExperienceMaker
-    compute = cls.compute_advantages_and_returns
-    if getattr(compute, _PATCHED, False):
-        return
-    module.compute_reward = _dense_compute_reward(module.compute_reward)
-
-    @functools.wraps(compute)
+def _dense_advantages(compute: Callable) -> Callable:
     def compute_advantages_and_returns(self, experiences):
         rows = [experience.info.pop(INFO_KEY, None) for experience in experiences]
         if not any(row is not None and bool(row.any()) for row in rows):
@@ -172,8 +170,12 @@ def _patch_experience_maker(module: ModuleType) -> None:
         finally:
             _BATCH.reset(token)
 
-    setattr(compute_advantages_and_returns, _PATCHED, True)
-    cls.compute_advantages_and_returns = compute_advantages_and_returns
+    return compute_advantages_and_returns
+
+
+def _patch_experience_maker(module: ModuleType) -> None:
+    _wrap_once(module, "compute_reward", _dense_compute_reward)
+    _wrap_once(module.RemoteExperienceMaker, "compute_advantages_and_returns", _dense_advantages)
 
 
 _PATCHES: dict[str, Callable[[ModuleType], None]] = {

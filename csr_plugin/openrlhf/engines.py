@@ -57,7 +57,7 @@ class OpenRLHFEngines:
     def __init__(self, recipe: Recipe, use_gpu: bool, extra_env: dict):
         from transformers import AutoProcessor
 
-        from csr_plugin.ray_sampling import _actor_recipe
+        from csr_plugin.ray_sampling import actor_recipe
         from csr_plugin.sampler.vllm_engine import import_vllm
 
         import_vllm()  # the driver unpickles vLLM objects and imports OpenRLHF's actor module
@@ -73,7 +73,7 @@ class OpenRLHFEngines:
         # The agent reads its recipe from CSR_RECIPE: the actor's view of it (absolute paths) on disk.
         recipe_file = Path(recipe.output_dir).resolve() / "openrlhf_engine_recipe.yaml"
         recipe_file.parent.mkdir(parents=True, exist_ok=True)
-        recipe_file.write_text(yaml.safe_dump(_actor_recipe(recipe), sort_keys=False))
+        recipe_file.write_text(yaml.safe_dump(actor_recipe(recipe), sort_keys=False))
         env = {"CSR_RECIPE": str(recipe_file), "CSR_RECIPE_OVERRIDES": "", "TOKENIZERS_PARALLELISM": "false",
                "FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE", **extra_env}
         gpus = 1 if use_gpu else 0

@@ -50,7 +50,7 @@ def write_ppo_prompts(recipe: Recipe) -> tuple[Path, int]:
 
 
 def ppo_flags(recipe: Recipe, prompts_file: str | Path) -> dict[str, Any]:
-    """The recipe as OpenRLHF train_ppo_ray's dotted flags (True = a bare switch, False/None = left out)."""
+    """The recipe as OpenRLHF train_ppo_ray's dotted flags (see to_argv for the command line)."""
     cfg, search, out = recipe.ppo, recipe.search, ppo_dir(recipe)
     samples = cfg.rollout_batch * cfg.n_samples_per_prompt
     ranks = cfg.nodes * cfg.gpus_per_node
@@ -88,12 +88,15 @@ def ppo_flags(recipe: Recipe, prompts_file: str | Path) -> dict[str, Any]:
         "ckpt.output_dir": str(out / "final"), "ckpt.path": str(out / "ckpt"), "ckpt.save_steps": cfg.ckpt_steps,
         "ckpt.load_enable": True, "ckpt.save_hf": True, "logger.tensorboard_dir": str(out / "tensorboard"),
     }
-    return {k: v for k, v in flags.items() if v is not None and v is not False}
+    return flags
 
 
 def to_argv(flags: dict[str, Any]) -> list[str]:
+    """Dotted flags as a command line: True is a bare switch, False and None are left out."""
     argv = []
     for name, value in flags.items():
+        if value is None or value is False:
+            continue
         argv.append(f"--{name}")
         if value is True:
             continue
@@ -129,7 +132,6 @@ def shell_commands(recipe: Recipe, config_path: str, overrides: list[str]) -> li
 def train_ppo(recipe: Recipe, config_path: str, overrides: list[str]) -> int:
     """Run OpenRLHF's train_ppo_ray in this process, on a local or given Ray cluster."""
     import runpy
-    import sys
 
     import torch
 
@@ -144,11 +146,9 @@ def train_ppo(recipe: Recipe, config_path: str, overrides: list[str]) -> int:
     if not ray.is_initialized():
         # OpenRLHF's train() keeps a Ray that is already up, so our runtime_env reaches every worker.
         ray.init(address=recipe.ppo.ray_address or None, runtime_env=runtime_env(recipe, config_path, overrides))
-    saved = sys.argv
-    sys.argv = [PPO_MODULE, *to_argv(ppo_flags(recipe, prompts))]
-    try:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from csr_plugin.openrlhf.cli_args import argv_as
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with argv_as([PPO_MODULE, *to_argv(ppo_flags(recipe, prompts))]):
         runpy.run_module(PPO_MODULE, run_name="__main__", alter_sys=False)
-    finally:
-        sys.argv = saved
     return 0

@@ -57,6 +57,13 @@ class SentenceEngine(Protocol):
     def expand(self, requests: Sequence[Expansion]) -> list[list[Continuation]]: ...
 
 
+def never_sampled_ids(tokenizer, eos_ids: set[int], image_token_id: Optional[int], vocab_size: int) -> set[int]:
+    """Special tokens other than EOS (image placeholder, pad, bos): never generated, since a
+    sampled <image> token in a prefix would break the next prefill."""
+    special = set(tokenizer.all_special_ids) | {image_token_id}
+    return {i for i in special - set(eos_ids) if isinstance(i, int) and 0 <= i < vocab_size}
+
+
 def stable_seed(*parts) -> int:
     """A 63-bit seed from ``parts`` that is the same in every process (unlike ``hash``)."""
     digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()

@@ -16,7 +16,7 @@ import torch
 from csr_plugin.config import ModelConfig, SearchConfig
 from csr_plugin.multimodal import chat_prompt, concat_image_inputs
 from csr_plugin.reward.clip_relevance import resolve_device
-from csr_plugin.sampler.engine import Continuation, EncodedPrompt, Expansion, stable_seed
+from csr_plugin.sampler.engine import Continuation, EncodedPrompt, Expansion, never_sampled_ids, stable_seed
 from csr_plugin.sampler.sentence_end import sentence_end_token_ids
 
 
@@ -91,10 +91,7 @@ class TransformersEngine:
         self.sentence_end_mask[[i for i in end_ids if i < vocab]] = True
         self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=self.device)
         self.eos_mask[[i for i in self.eos_ids if i < vocab]] = True
-        # Special tokens other than EOS (image placeholder, pad, bos) must never be generated:
-        # a sampled <image> token in a prefix would break the next prefill.
-        banned = set(self.tokenizer.all_special_ids) | {getattr(model.config, "image_token_id", None)}
-        banned = {i for i in banned - self.eos_ids if isinstance(i, int) and 0 <= i < vocab}
+        banned = never_sampled_ids(self.tokenizer, self.eos_ids, getattr(model.config, "image_token_id", None), vocab)
         self.banned_mask = torch.zeros(vocab, dtype=torch.bool, device=self.device)
         self.banned_mask[list(banned)] = True
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)

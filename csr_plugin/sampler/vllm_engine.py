@@ -25,7 +25,8 @@ from types import SimpleNamespace
 from typing import Sequence
 
 from csr_plugin.config import ModelConfig, SearchConfig
-from csr_plugin.sampler.engine import Continuation, EncodedPrompt, Expansion, FinishReason
+from csr_plugin.multimodal import chat_prompt
+from csr_plugin.sampler.engine import Continuation, EncodedPrompt, Expansion, FinishReason, never_sampled_ids
 from csr_plugin.sampler.sentence_end import sentence_end_token_ids
 from csr_plugin.sampler.transformers_engine import PromptTooLongError, TransformersEngine, _max_context
 
@@ -141,8 +142,7 @@ class VllmEngine:
             eos_ids.add(self.tokenizer.eos_token_id)
         if not eos_ids:
             raise ValueError("the model's tokenizer defines no EOS token; set eos_token in its tokenizer config.")
-        banned = set(self.tokenizer.all_special_ids) | {self._image_token_id()}
-        banned = {i for i in banned - eos_ids if isinstance(i, int) and 0 <= i < len(self.tokenizer)}
+        banned = never_sampled_ids(self.tokenizer, eos_ids, self._image_token_id(), len(self.tokenizer))
         self.rules = VllmSentenceRules(self.tokenizer, search, eos_ids, banned)
 
     @classmethod
@@ -177,8 +177,8 @@ class VllmEngine:
             token_id = self.tokenizer.convert_tokens_to_ids(self.processor.image_token)
         return token_id
 
-    # The transformers engine's prompt (chat template, else LLaVA's format); it reads only self.processor.
-    prompt_text = TransformersEngine.prompt_text
+    def prompt_text(self, question: str) -> str:
+        return chat_prompt(self.processor, question)
 
     def encode_prompt(self, question: str, image) -> EncodedPrompt:
         text = self.prompt_text(question)

@@ -1,7 +1,6 @@
 # Quickstart: `make demo` and `make test`; each sets up .venv first if needed.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export FLASH_ATTENTION_TRITON_AMD_ENABLE ?= TRUE
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup demo test bench clean

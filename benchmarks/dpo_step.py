@@ -163,7 +163,7 @@ def main() -> None:
     import subprocess
 
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // opts.nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={opts.nproc}", "--master_port=29581",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={opts.nproc}", "--standalone",
            __file__, *sys.argv[1:]]
     sys.exit(subprocess.run(cmd, env=env).returncode)
 

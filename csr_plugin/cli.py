@@ -234,11 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("csr_plugin").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from csr_plugin.sampling import SystematicFailure
+
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"csr {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except SystematicFailure as exc:
+        print(f"csr {args.command}: stopped: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -113,10 +113,13 @@ class SearchConfig:
                                default=8)
     engine: Literal["transformers", "vllm"] = _help("Generation engine.", default="transformers")
     seed: int = _help("Random seed for sampling.", default=0)
+    stop_after_failures: int = _help(
+        "Stop `csr sample` when this many prompts in a row fail with the same error (a setup problem such as "
+        "an unsupported model or a wrong image folder); 0 = never stop, set them all aside.", default=10)
 
     def validate(self, where: str) -> None:
         _at_least(self, where, 1, ("beam_width", "candidates", "max_sentences", "max_new_tokens", "batch_prompts"))
-        _at_least(self, where, 0, ("keep_top", "keep_bottom", "min_sentence_chars"))
+        _at_least(self, where, 0, ("keep_top", "keep_bottom", "min_sentence_chars", "stop_after_failures"))
         if self.keep_top + self.keep_bottom != self.beam_width:
             raise ConfigError(
                 f"`{where}.beam_width` ({self.beam_width}) must equal keep_top + keep_bottom "
@@ -154,7 +157,9 @@ class DPOConfig:
                        default=2)
     hostfile: Optional[str] = _help("DeepSpeed hostfile for multi-node runs (see docs/distributed.md).",
                                     default=None)
-    master_port: int = _help("Rendezvous port for the processes started here.", default=29517)
+    master_port: Optional[int] = _help(
+        "Rendezvous port. null = a free port found at launch, so two runs on one machine never collide; set it "
+        "when a firewall allows only known ports.", default=None)
     lr: float = _help("Peak learning rate.", default=5.0e-7)
     lr_scheduler: str = _help("transformers scheduler name.", default="cosine_with_min_lr")
     warmup_ratio: float = _help("Fraction of steps for LR warm-up.", default=0.03)
@@ -188,6 +193,9 @@ class DPOConfig:
             raise ConfigError(f"`{where}.beta` and `{where}.lr` must be > 0, got {self.beta} and {self.lr}.")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"`{where}.label_smoothing` must be in [0, 0.5), got {self.label_smoothing}.")
+        if self.master_port is not None and not 1024 <= self.master_port <= 65535:
+            raise ConfigError(f"`{where}.master_port` must be in [1024, 65535] or null (a free port), "
+                              f"got {self.master_port}.")
         if self.batch % self.micro_batch:
             raise ConfigError(f"`{where}.batch` ({self.batch}) must be a multiple of micro_batch "
                               f"({self.micro_batch}) times the number of processes.")

@@ -13,9 +13,18 @@ from typing import Iterator
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict | None, str]]:
-    """(line number, record or None, error) for each non-blank line."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    """(line number, record or None, error) for each non-blank line.
+
+    Read as bytes and decoded line by line: one line that is not UTF-8 is an invalid
+    line like any other, not the end of the whole file.
+    """
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, None, f"line {number} is not valid UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})"
+                continue
             if not line.strip():
                 continue
             try:

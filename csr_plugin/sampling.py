@@ -5,11 +5,15 @@ the prompts file's folder), searches them in batches, and appends each finished
 tree to ``<output_dir>/trees.jsonl``. A prompt that cannot be searched (missing
 or corrupt image, empty question, prompt too long, an error inside the search)
 goes to ``errors.jsonl`` with its reason and the run continues. Rerunning skips
-finished ids and retries the failed ones.
+finished ids and retries the failed ones. When ``search.stop_after_failures``
+prompts in a row fail alike, the cause is the setup (an unsupported model, a
+wrong image folder), not the prompts: the run stops with that error instead of
+grinding through the rest.
 """
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +31,59 @@ log = logging.getLogger(__name__)
 
 class PromptError(ValueError):
     """This prompt cannot be searched; the reason goes to errors.jsonl."""
+
+
+class SystematicFailure(RuntimeError):
+    """Many prompts in a row failed with the same error: a setup problem, not bad prompts."""
+
+
+def failure_kind(reason: str) -> str:
+    """What makes two failures "the same": the error with its numbers blanked for a search failure
+    (shapes and ids differ per prompt), the category before the first colon for a data error
+    ("image not found: /a.png" and "image not found: /b.png" are alike)."""
+    if reason.startswith(("search failed", "actor died")):
+        return re.sub(r"\d+", "#", reason.split(" (after ")[0])
+    return reason.split(":")[0]
+
+
+class FailureStreak:
+    """Counts prompts failing alike in a row and stops the run once ``limit`` do (0 = never).
+
+    Granularity is a batch of results: a batch that produced any tree ends the streak, so a
+    run that keeps producing trees is never stopped, whatever fraction of its prompts fail.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.kind, self.count, self.example = "", 0, ""
+
+    def record(self, trees: int, errors: list[dict]) -> None:
+        if trees:
+            self.kind, self.count = "", 0
+            return
+        for error in errors:
+            kind = failure_kind(error["reason"])
+            if kind != self.kind:
+                self.kind, self.count = kind, 0
+            self.count += 1
+            self.example = error["reason"]
+        if self.limit and self.count >= self.limit:
+            raise SystematicFailure(
+                f"the last {self.count} prompts all failed alike, so the cause is the setup rather than the "
+                f"prompts; stopping (trees written so far are kept, a rerun resumes). Error: {self.example}\n"
+                f"Fix: {_fix_for(self.example)} Or set search.stop_after_failures=0 to set such prompts aside "
+                "and go on.")
+
+
+def _fix_for(reason: str) -> str:
+    if reason.startswith("image not found"):
+        return "check the image paths: relative paths resolve against the prompts file's folder."
+    if reason.startswith("prompt too long"):
+        return "raise the model's context or lower search.max_new_tokens, or shorten the questions."
+    if reason.startswith(("search failed", "actor died")):
+        return ("the model (model.path) or its family may not be supported by this engine; the full "
+                "traceback of the first failure is in the log above. See docs/families.md.")
+    return "see the error above."
 
 
 @dataclass
@@ -159,13 +216,16 @@ class SampleOutputs:
         done = {tree["id"] for tree in self.trees.records}
         self.todo = [p for p in prompts if p.id not in done]
         summary.resumed = len(prompts) - len(self.todo)
+        self.streak = FailureStreak(recipe.search.stop_after_failures)
 
     def add(self, trees: list[dict], errors: list[dict]) -> None:
+        """Write a batch's results; raises :class:`SystematicFailure` once prompts keep failing alike."""
         for tree in trees:
             self.trees.append(tree)
             self.summary.done += 1
         for record in errors:
             self.errors.add(record, self.summary)
+        self.streak.record(len(trees), errors)
 
     def close(self) -> None:
         self.trees.close()
@@ -182,15 +242,19 @@ def chunks(prompts: list[PromptRecord], size: int) -> list[list[PromptRecord]]:
     return [prompts[start:start + size] for start in range(0, len(prompts), size)]
 
 
-def search_prompts(search: SentenceBeamSearch, engine, prompts: list[PromptRecord]) -> tuple[list[dict], list[dict]]:
-    """Tree JSON for the prompts that could be searched, error records for the others."""
+def search_prompts(search: SentenceBeamSearch, engine, prompts: list[PromptRecord],
+                   logged: set[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """Tree JSON for the prompts that could be searched, error records for the others.
+
+    ``logged`` holds the failure kinds whose traceback was already logged (one per kind per run).
+    """
     jobs, errors = [], []
     for prompt in prompts:
         try:
             jobs.append(prepare_job(prompt, engine))
         except PromptError as exc:
             errors.append({"id": prompt.id, "image": prompt.image, "reason": str(exc)})
-    trees = _search_isolating_failures(search, jobs, errors)
+    trees = _search_isolating_failures(search, jobs, errors, logged if logged is not None else set())
     return [tree.to_json() for tree in trees], errors
 
 
@@ -202,28 +266,41 @@ def sample(recipe: Recipe, engine=None, clip=None, progress: bool = True) -> Sam
             engine = engine or build_engine(recipe)
             clip = clip or build_clip(recipe)
             search = SentenceBeamSearch(engine, clip, recipe.search, recipe.reward, recipe.curation)
+            logged: set[str] = set()
             bar = tqdm(total=len(outputs.todo), desc="csr sample", unit="prompt", disable=not progress)
             for chunk in chunks(outputs.todo, recipe.search.batch_prompts):
-                outputs.add(*search_prompts(search, engine, chunk))
+                outputs.add(*search_prompts(search, engine, chunk, logged))
                 bar.update(len(chunk))
             bar.close()
     summary.seconds = time.monotonic() - started
     return summary
 
 
-def _search_isolating_failures(search: SentenceBeamSearch, jobs: list[PromptJob], errors: list[dict]):
-    """Search a batch; if it fails, search its prompts one by one so only the culprit is set aside."""
+def _search_isolating_failures(search: SentenceBeamSearch, jobs: list[PromptJob], errors: list[dict],
+                               logged: set[str]):
+    """Search a batch; if it fails, search its prompts one by one so only the culprit is set aside.
+
+    Said once: the batch's error and the prompts retried alone; a prompt's traceback only the
+    first time its kind of failure is seen, then one line per prompt.
+    """
     if not jobs:
         return []
     try:
         return search.run(jobs)
     except Exception as exc:  # noqa: BLE001 - one bad prompt must not end the run
+        reason = f"search failed: {type(exc).__name__}: {exc}"
         if len(jobs) == 1:
-            log.exception("search failed for prompt %s", jobs[0].id)
-            errors.append({"id": jobs[0].id, "image": jobs[0].image,
-                           "reason": f"search failed: {type(exc).__name__}: {exc}"})
+            kind = failure_kind(reason)
+            if kind in logged:
+                log.warning("prompt %s: %s", jobs[0].id, reason)
+            else:
+                logged.add(kind)
+                log.error("prompt %s: %s", jobs[0].id, reason, exc_info=exc)
+            errors.append({"id": jobs[0].id, "image": jobs[0].image, "reason": reason})
             return []
+        log.warning("a batch of %d prompts failed (%s: %s); searching them one by one to find the culprit: %s",
+                    len(jobs), type(exc).__name__, exc, ", ".join(job.id for job in jobs))
     trees = []
     for job in jobs:
-        trees.extend(_search_isolating_failures(search, [job], errors))
+        trees.extend(_search_isolating_failures(search, [job], errors, logged))
     return trees

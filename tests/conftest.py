@@ -5,7 +5,10 @@ import os
 
 import pytest
 
-os.environ.setdefault("FLASH_ATTENTION_TRITON_AMD_ENABLE", "TRUE")
+if not os.path.exists("/dev/nvidiactl"):
+    # flash-attn's pure-Python CPU install imports only with its Triton backend; on an NVIDIA GPU
+    # this variable would select the ROCm backend, so it is set only where there is none.
+    os.environ.setdefault("FLASH_ATTENTION_TRITON_AMD_ENABLE", "TRUE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -22,7 +22,7 @@ def run_recipe(tmp_path_factory, tiny_recipe_dict):
     recipe["data"]["prompts"] = str(prompts)
     recipe["search"].update({"batch_prompts": 2, "max_sentences": 3, "max_new_tokens": 16})
     recipe["dpo"] = {"nproc": 2, "zero_stage": 3, "batch": 4, "micro_batch": 1, "epochs": 3, "lr": 1.0e-3,
-                     "ckpt_steps": 2, "master_port": 29571}
+                     "ckpt_steps": 2}
     recipe["loop"] = {"iterations": 2}
 
     def write(name):

@@ -62,7 +62,7 @@ def test_split_files_follow_the_prompt_contract(tmp_path):
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     result = subprocess.run([sys.executable, "-m", "csr_plugin.cli", "demo", "--quick", "--iterations", "1",
-                             "--output", str(out), "dpo.master_port=29591"], cwd=REPO, capture_output=True,
+                             "--output", str(out)], cwd=REPO, capture_output=True,
                             text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result.stdout

@@ -3,10 +3,15 @@
 - inside torchrun / deepspeed / srun (RANK and WORLD_SIZE set): this process is one rank;
 - ``dpo.hostfile`` set: the deepspeed launcher spreads ranks over the listed nodes;
 - otherwise: torchrun starts ``dpo.nproc`` ranks here (GPUs with NCCL, CPU ranks with gloo).
+
+The rendezvous port is free unless ``dpo.master_port`` names one: torchrun's ``--standalone``
+picks a free port itself; for the deepspeed launcher we pick one here. A fixed default port
+made two runs on one machine fail with EADDRINUSE.
 """
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -17,15 +22,27 @@ def inside_distributed_launch() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (the OS picks it; another process may take it later,
+    which the launcher then reports as a rendezvous error)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def worker_command(recipe: Recipe, config_path: str, overrides: list[str], model: str, pairs: str,
                    out_dir: str) -> list[str]:
     cfg = recipe.dpo
     worker = ["--config", config_path, "--model", model, "--pairs", pairs, "--out", out_dir, *overrides]
     if cfg.hostfile:
-        return ["deepspeed", "--hostfile", cfg.hostfile, "--master_port", str(cfg.master_port),
+        # The master is the hostfile's first node; the port must be free there. When this machine is
+        # not that node, set dpo.master_port to a port known to be open on it.
+        port = cfg.master_port or free_port()
+        return ["deepspeed", "--hostfile", cfg.hostfile, "--master_port", str(port),
                 "--module", "csr_plugin.training.dpo_main", *worker]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc}",
-            f"--master_port={cfg.master_port}", "-m", "csr_plugin.training.dpo_main", *worker]
+    rendezvous = [f"--master_port={cfg.master_port}"] if cfg.master_port else ["--standalone"]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc}", *rendezvous,
+            "-m", "csr_plugin.training.dpo_main", *worker]
 
 
 def run_dpo(recipe: Recipe, config_path: str, overrides: list[str], model: str, pairs: str, out_dir: str) -> int:

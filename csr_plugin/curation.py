@@ -2,7 +2,10 @@
 
 A response is the path from the root to a final node; its score is the mean
 (``length_normalize``) or the sum of its sentences' calibrated rewards. Pairs
-are written in the conversational preference format TRL and OpenRLHF read.
+are written in the conversational preference format TRL and OpenRLHF read, with
+the sampled token ids beside the text: training on them reproduces exactly the
+sequence the policy generated and the rewards were computed for (a response
+tokenized apart from its prompt can start with another token, docs/data-contracts.md).
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ class Response:
     reward: float
     r_i: float      # mean image relevance of its sentences
     node_id: int
+    token_ids: list[int]  # the sampled ids, EOS included when the model generated it in a kept node
+    finish: str           # eos | max_sentences | context: why the response ended
 
 
 @dataclass
@@ -43,6 +48,10 @@ class PreferencePair:
             "rejected_reward": self.rejected.reward,
             "chosen_r_i": self.chosen.r_i,
             "rejected_r_i": self.rejected.r_i,
+            "chosen_token_ids": self.chosen.token_ids,
+            "rejected_token_ids": self.rejected.token_ids,
+            "chosen_finish": self.chosen.finish,
+            "rejected_finish": self.rejected.finish,
         }
 
 
@@ -65,7 +74,9 @@ def complete_responses(tree: dict, length_normalize: bool) -> list[Response]:
             text="".join(n["text"] for n in path).strip(),
             reward=path_score([n["reward"] for n in path], length_normalize),
             r_i=sum(n["r_i"] for n in path) / len(path),
-            node_id=node["id"]))
+            node_id=node["id"],
+            token_ids=[t for n in path for t in n["token_ids"]],
+            finish=node["finish"]))
     return responses
 
 

@@ -59,3 +59,15 @@ def test_pairs_file_is_the_conversational_preference_format(tmp_path):
     assert pair["chosen"] == [{"role": "assistant", "content": [{"type": "text", "text": "A. A1."}]}]
     assert pair["rejected"][0]["content"][0]["text"] == "A. A2."
     assert pair["chosen_reward"] == pytest.approx(20.0) and pair["rejected_reward"] == pytest.approx(2.5)
+
+
+def test_pairs_carry_the_path_token_ids_and_why_each_response_ended(tmp_path):
+    """Token ids are the nodes' ids from the root, concatenated; ``finish`` is the final node's."""
+    tree = _tree([_node(1, 0, "A.", 10.0), _node(2, 1, " A1.", 30.0, True), _node(3, 1, " A2.", -5.0, True)])
+    tree["nodes"][3]["finish"] = "max_sentences"   # the search cut this beam at its last step
+    trees = tmp_path / "trees.jsonl"
+    trees.write_text(json.dumps(tree) + "\n")
+    curate_file(trees, tmp_path / "pairs.jsonl", CurationConfig())
+    pair = json.loads((tmp_path / "pairs.jsonl").read_text())
+    assert (pair["chosen_token_ids"], pair["rejected_token_ids"]) == ([1, 2], [1, 3])
+    assert (pair["chosen_finish"], pair["rejected_finish"]) == ("eos", "max_sentences")

@@ -35,11 +35,13 @@ def test_sentence_end_ids_come_from_the_tokenizer(tiny_model_and_processor):
         sentence_end_token_ids(tokenizer, ["\u2603"])
 
 
+@pytest.mark.parametrize("prompt_cache", [True, False])
 @pytest.mark.parametrize("decoding", ["sample", "group_beam"])
-def test_logprobs_match_a_separate_forward_pass(tiny_model_and_processor, decoding):
+def test_logprobs_match_a_separate_forward_pass(tiny_model_and_processor, decoding, prompt_cache):
     """Tolerance 1e-4 (fp32): batching, left padding and the KV cache change only rounding."""
     model, processor = tiny_model_and_processor
     engine = make_engine(tiny_model_and_processor, decoding=decoding)
+    engine.prompt_cache = prompt_cache
     tok = processor.tokenizer
     requests = [
         Expansion(engine.encode_prompt("Describe the image.", _image()), [], 3, seed=1),

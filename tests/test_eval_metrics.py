@@ -309,3 +309,29 @@ def test_pope_metrics_input_errors():
         pope_metrics(["yes", "no"], ["yes", "maybe"])
     with pytest.raises(ValueError, match=r"predictions\[0\] is 'Yes\.'.*parse_yes_no"):
         pope_metrics(["Yes."], ["yes"])
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "smolvlm"])
+def test_batched_generation_equals_one_at_a_time_for_every_family(family, tmp_path):
+    """Batch 2 (unequal prompts and image shapes, left padding) answers what batch 1 answers.
+
+    Gemma3 and Idefics3/SmolVLM refuse a flat image list for several texts; a wrong
+    split would also give another answer than the prompt alone.
+    """
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from csr_plugin.eval.evaluate import generate
+    from csr_plugin.toy.tiny_families import build_tiny_family
+
+    path = build_tiny_family(family, tmp_path / family)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    items = [(Image.new("RGB", (48, 48), (200, 30, 30)), "Describe."),
+             (Image.new("RGB", (96, 48), (30, 30, 200)), "What shapes and colours do you see here?"),
+             (Image.new("RGB", (48, 96), (30, 200, 30)), "Describe the image in detail.")]
+    one_by_one = generate(model, processor, items, 6, 1, "single")
+    batched = generate(model, processor, items, 6, 2, "batched")
+    assert batched == one_by_one
+    assert any(answer for answer in batched), "random weights still write some text"

@@ -24,25 +24,22 @@ log = logging.getLogger(__name__)
 POPE_SETTINGS = ("random", "popular", "adversarial")
 
 
-def _prompt(processor, question: str) -> str:
-    from csr_plugin.multimodal import LLAVA_PROMPT
-
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return LLAVA_PROMPT.format(image=getattr(processor, "image_token", "<image>"), question=question)
-
-
 @torch.inference_mode()
 def generate(model, processor, items: list[tuple], max_new_tokens: int, batch: int, desc: str) -> list[str]:
-    """Greedy answers for (PIL image, question) items, batched with left padding."""
+    """Greedy answers for (PIL image, question) items, batched with left padding.
+
+    Images go to the processor as one list per text: Gemma3 and Idefics3/SmolVLM read a
+    flat list as all images of the first text, and every family accepts the nested form.
+    """
+    from csr_plugin.multimodal import chat_prompt
+
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"
     answers = []
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(items), batch), desc=desc, unit="batch", leave=False):
         chunk = items[start:start + batch]
-        inputs = processor(images=[image for image, _ in chunk], text=[_prompt(processor, q) for _, q in chunk],
+        inputs = processor(images=[[image] for image, _ in chunk], text=[chat_prompt(processor, q) for _, q in chunk],
                            padding=True, return_tensors="pt").to(device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)

@@ -9,14 +9,20 @@ scored as in the search, and the response gets their mean
 R_T comes from the recipe's ``model.path``, a frozen reward model, not from the
 actor being trained. Its per-token log-probs come from ONE teacher-forced
 forward per batch: prompt ids (the processor expands the image placeholder)
-followed by the response tokenized on its own, right-padded so every real
-token keeps its position.
+followed by the response ids, right-padded so every real token keeps its
+position, with the family's per-token inputs built for the full rows.
+
+A response that comes with the ids the policy sampled (``ResponseItem.response_ids``)
+is scored on exactly those ids: the text is re-tokenized only when no ids are
+given, and a re-tokenized response can differ from the sampled one (a SentencePiece
+tokenizer writes "▁There" at a word start but "The" "re" after ':').
 
 Tokens are mapped to sentences by character offsets (a fast tokenizer's
-``offset_mapping``): a token belongs to the sentence its first character falls
-in. That matches the search, where a sentence ends at the token carrying the
-delimiter and the next sentence's leading space rides on its first word; it is
-also linear, where decoding every cumulative prefix is quadratic per response.
+``offset_mapping``, or for given ids the length each token adds to the decoded
+text): a token belongs to the sentence its first character falls in. That
+matches the search, where a sentence ends at the token carrying the delimiter
+and the next sentence's leading space rides on its first word; it is also
+linear, where decoding every cumulative prefix is quadratic per response.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import math
 import re
 from bisect import bisect_right
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from csr_plugin.config import Recipe
 from csr_plugin.reward import calibrated_reward, instruction_score
@@ -40,8 +46,9 @@ _CACHE_SIZE = 64
 @dataclass(frozen=True)
 class ResponseItem:
     prompt_text: str    # the templated prompt as OpenRLHF decodes it, image placeholder included
-    response_text: str
+    response_text: str  # ignored when response_ids is given (the text is decoded from them)
     image: str          # image path
+    response_ids: Optional[tuple[int, ...]] = None  # the sampled ids, when the caller has them
 
 
 @dataclass
@@ -76,6 +83,33 @@ def sentence_spans(text: str, delimiters: Sequence[str]) -> list[tuple[int, int]
             start = end
     if text[start:].strip():
         spans.append((start, len(text)))
+    return spans
+
+
+def token_offsets(tokenizer, ids: Sequence[int], context: int = 6) -> list[tuple[int, int]]:
+    """Character span of each token in ``tokenizer.decode(ids, skip_special_tokens=True)``.
+
+    A token's text is what it adds to the decode of the few tokens before it (linear; a
+    SentencePiece "▁" piece keeps its space after context, and loses it first in both
+    decodes alike). Where that does not rebuild the whole decode (a character split over
+    byte tokens), every prefix is decoded instead.
+    """
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
+    ids = list(ids)
+    text, pieces = decode(ids), []
+    for k in range(len(ids)):
+        start = max(0, k - context)
+        before, upto = decode(ids[start:k]), decode(ids[start:k + 1])
+        if not upto.startswith(before):
+            break
+        pieces.append(upto[len(before):])
+    if len(pieces) != len(ids) or "".join(pieces) != text:
+        lengths = [len(decode(ids[:k])) for k in range(len(ids) + 1)]
+        return [(a, b) for a, b in zip(lengths, lengths[1:])]
+    spans, pos = [], 0
+    for piece in pieces:
+        spans.append((pos, pos + len(piece)))
+        pos += len(piece)
     return spans
 
 
@@ -154,6 +188,7 @@ class ResponseRewardScorer:
         self.delimiters = list(recipe.search.delimiters)
         self.length_normalize = recipe.curation.length_normalize
         self.image_token: str | None = getattr(processor, "image_token", None)
+        self.special_ids = set(self.tokenizer.all_special_ids)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
         # vLLM output is decoded with skip_special_tokens=False: the EOS text ends most responses.
@@ -177,8 +212,7 @@ class ResponseRewardScorer:
     def score(self, items: Sequence[ResponseItem]) -> list[ScoredResponse]:
         """Calibrated reward per response: one VLM forward and one CLIP batch for all of ``items``."""
         results = [ScoredResponse(0.0, []) for _ in items]
-        live = [(i, replace(item, response_text=self._trailing_special.sub("", item.response_text)))
-                for i, item in enumerate(items)]
+        live = [(i, self._strip_end(item)) for i, item in enumerate(items)]
         live = [(i, item) for i, item in live if item.response_text.strip()]
         if not live:
             return results
@@ -197,6 +231,16 @@ class ResponseRewardScorer:
             total = math.fsum(s["reward"] for s in scored)
             results[i] = ScoredResponse(total / len(scored) if self.length_normalize else total, scored)
         return results
+
+    def _strip_end(self, item: ResponseItem) -> ResponseItem:
+        """Without the EOS that ends most responses (text or ids): it belongs to no sentence."""
+        if item.response_ids is None:
+            return replace(item, response_text=self._trailing_special.sub("", item.response_text))
+        ids = list(item.response_ids)
+        while ids and ids[-1] in self.special_ids:
+            ids.pop()
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return replace(item, response_ids=tuple(ids), response_text=text)
 
     def _sentences(self, text: str, offsets: Sequence[tuple[int, int]],
                    logprobs: Sequence[float]) -> list[tuple[str, list[float]]]:
@@ -221,35 +265,41 @@ class ResponseRewardScorer:
         inputs = self.processor(images=self.image(image_path), text=prompt_text, add_special_tokens=False,
                                 return_tensors="pt")
         token_ids = inputs.pop("input_ids")[0].tolist()
-        inputs.pop("attention_mask", None)
-        return token_ids, dict(inputs)
+        # per-token tensors cover the prompt only: batch_inputs rebuilds them for prompt + response
+        return token_ids, {k: v for k, v in inputs.items()
+                           if k not in ("attention_mask", "token_type_ids", "mm_token_type_ids")}
 
     def _response_logprobs(self, items: Sequence[ResponseItem]) -> list[tuple[list, list[float]]]:
         """Per item: (character offsets, log-prob) of each response token, from one teacher-forced forward."""
         import torch
 
-        from csr_plugin.multimodal import concat_image_inputs
+        from csr_plugin.multimodal import batch_inputs
 
         encoded = [self._encode_prompt(item.prompt_text, item.image) for item in items]
-        responses = self.tokenizer([item.response_text for item in items], add_special_tokens=False,
-                                   return_offsets_mapping=True)
+        texts = [i for i, item in enumerate(items) if item.response_ids is None]
+        tokenized = self.tokenizer([items[i].response_text for i in texts], add_special_tokens=False,
+                                   return_offsets_mapping=True) if texts else {"input_ids": [], "offset_mapping": []}
+        responses = {"input_ids": [], "offset_mapping": []}
+        by_text = dict(zip(texts, zip(tokenized["input_ids"], tokenized["offset_mapping"])))
+        for i, item in enumerate(items):
+            ids, offsets = by_text[i] if i in by_text else (list(item.response_ids),
+                                                            token_offsets(self.tokenizer, item.response_ids))
+            responses["input_ids"].append(ids)
+            responses["offset_mapping"].append(offsets)
         rows = [prompt_ids + response_ids for (prompt_ids, _), response_ids in zip(encoded, responses["input_ids"])]
         device = next(self.model.parameters()).device
-        input_ids = torch.full((len(rows), max(map(len, rows))), self.pad_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for i, row in enumerate(rows):
-            input_ids[i, :len(row)] = torch.tensor(row)
-            attention[i, :len(row)] = 1
-        image_inputs = {k: v.to(device) for k, v in concat_image_inputs([inputs for _, inputs in encoded]).items()}
-        if "pixel_values" in image_inputs:
-            image_inputs["pixel_values"] = image_inputs["pixel_values"].to(self.model.dtype)
+        # Right padding keeps every real token at its position; per-image tensors are batched (tiles
+        # padded) and per-token ones (token types, Qwen's M-RoPE positions) built for the full rows.
+        kwargs = {k: v.to(device) for k, v in batch_inputs(self.model.config, rows, [inputs for _, inputs in encoded],
+                                                           self.pad_id, padding_side="right").items()}
+        if "pixel_values" in kwargs:
+            kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model.dtype)
         # Only positions that predict a response token go through the LM head: vocabulary-wide
         # logits over hundreds of image tokens per prompt would dominate memory.
         first = min(len(prompt_ids) for prompt_ids, _ in encoded) - 1
-        keep = torch.arange(first, input_ids.shape[1] - 1, device=device)
+        keep = torch.arange(first, kwargs["input_ids"].shape[1] - 1, device=device)
         with torch.inference_mode():
-            logits = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                logits_to_keep=keep, **image_inputs).logits
+            logits = self.model(**kwargs, logits_to_keep=keep).logits
             out = []
             for i, ((prompt_ids, _), response_ids) in enumerate(zip(encoded, responses["input_ids"])):
                 start = len(prompt_ids) - 1 - first

@@ -1,20 +1,26 @@
-"""Sentence engine on transformers, for any VLM that AutoModelForImageTextToText loads.
+"""Sentence engine on transformers, for every VLM family in ``csr_plugin.multimodal``.
 
 One ``expand`` call continues every requested prefix of every prompt in a
-single batch: each (prompt, prefix) is prefilled once (vision tower included),
-its KV cache is then replicated for its K candidates, and all rows decode
-together until each has ended its sentence. Log-probs come from the raw logits
-of the same forward that chose the token, so R_T needs no extra pass.
+single batch. With the prompt cache (the default) each prompt is prefilled
+once, vision tower included, and kept as unpadded KV tensors; a call then
+assembles those into a batch cache and prefills only the last prompt token and
+each request's response prefix on top. Each (prompt, prefix) is prefilled once
+and its KV cache replicated for its K candidates, and all rows decode together
+until each has ended its sentence. Positions are explicit everywhere (Qwen-VL's
+M-RoPE included), so padding between a cached prompt and its prefix changes
+nothing. Log-probs come from the raw logits of the same forward that chose the
+token, so R_T needs no extra pass.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from csr_plugin.config import ModelConfig, SearchConfig
-from csr_plugin.multimodal import chat_prompt, concat_image_inputs
+from csr_plugin.multimodal import batch_inputs, chat_prompt, encode_prompt, family_of, mrope_positions
 from csr_plugin.reward.clip_relevance import resolve_device
 from csr_plugin.sampler.engine import Continuation, EncodedPrompt, Expansion, never_sampled_ids, stable_seed
 from csr_plugin.sampler.sentence_end import sentence_end_token_ids
@@ -57,16 +63,25 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_vlm(cfg: ModelConfig):
     """(model, processor) through the same Auto classes for a tiny test model and LLaVA-1.5-7B."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     local = Path(cfg.path).expanduser()
     if not local.exists() and (cfg.path.startswith((".", "/", "~")) or cfg.path.count("/") > 1):
         raise FileNotFoundError(f"model.path {cfg.path!r} does not exist; give a local HF model folder or hub id.")
+    family_of(AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code))  # fail before weights
     device = resolve_device(cfg.device)
     processor = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(
         cfg.path, dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code)
     return model.to(device).eval(), processor
+
+
+def _sliding_window(config) -> Optional[int]:
+    """The smallest attention window of the text model, None without sliding-window layers."""
+    text = config.get_text_config()
+    sliding = any(t == "sliding_attention" for t in (getattr(text, "layer_types", None) or ())) or bool(
+        getattr(text, "use_sliding_window", False))
+    return getattr(text, "sliding_window", None) if sliding else None
 
 
 def _max_context(model, tokenizer) -> int:
@@ -76,9 +91,26 @@ def _max_context(model, tokenizer) -> int:
     return min(limits) if limits else 4096
 
 
+class _CachedPrompt:
+    """One prompt's KV over all its tokens but the last, unpadded: [(keys, values)] per layer, each
+    [1, heads, len - 1, head_dim]. Holding ``prompt`` keeps its id from being reused while cached."""
+
+    def __init__(self, prompt: EncodedPrompt, layers: list[tuple[torch.Tensor, torch.Tensor]], last_pos: int):
+        self.prompt, self.layers, self.last_pos = prompt, layers, last_pos
+
+
 class TransformersEngine:
-    def __init__(self, model, processor, search: SearchConfig):
+    def __init__(self, model, processor, search: SearchConfig, prompt_cache: bool = True):
         self.model = model
+        self.spec = family_of(model.config)
+        # False re-prefills prompt, image and prefix at every call (the old path, kept for benchmarks).
+        self.prompt_cache = prompt_cache
+        self.sliding_window = _sliding_window(model.config)
+        self._cached: dict[int, _CachedPrompt] = {}
+        self._lock = threading.Lock()  # one expand at a time: the prompt cache and the model are shared
+        # prefill_tokens: real (unpadded) tokens prefilled; prompt_prefills: prompts run through
+        # the vision tower and cached; rows_dropped: finished rows compacted out of a decode batch.
+        self.stats = {"prefill_tokens": 0, "prompt_prefills": 0, "rows_dropped": 0}
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.search = search
@@ -118,14 +150,12 @@ class TransformersEngine:
         return chat_prompt(self.processor, question)
 
     def encode_prompt(self, question: str, image) -> EncodedPrompt:
-        inputs = self.processor(images=image, text=self.prompt_text(question), return_tensors="pt")
-        token_ids = inputs.pop("input_ids")[0].tolist()
-        inputs.pop("attention_mask", None)
+        token_ids, inputs = encode_prompt(self.processor, self.prompt_text(question), image)
         if len(token_ids) + self.search.max_new_tokens > self.max_context:
             raise PromptTooLongError(
                 f"prompt is {len(token_ids)} tokens; with search.max_new_tokens={self.search.max_new_tokens} it "
                 f"exceeds the model's context of {self.max_context}. Shorten the question.")
-        return EncodedPrompt(token_ids=token_ids, image_inputs=dict(inputs))
+        return EncodedPrompt(token_ids=token_ids, image_inputs=inputs)
 
     # --------------------------------------------------------------- decoding
     def _choose(self, logits: torch.Tensor, step: int, row_seeds: torch.Tensor, group_of_row: torch.Tensor,
@@ -160,26 +190,121 @@ class TransformersEngine:
         after = decode(prefix_ids + new_ids)
         return after[len(before):] if after.startswith(before) else decode(new_ids)
 
-    @torch.inference_mode()
+    # ---------------------------------------------------------------- prefill
+    def _forward(self, kwargs: dict, **extra):
+        kwargs = {k: v.to(self.device) for k, v in kwargs.items()}
+        if "pixel_values" in kwargs:
+            kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model.dtype)
+        # logits_to_keep=1: only the next-token column, not [rows, T, vocab] (152k for Qwen).
+        return self.model(**kwargs, **extra, use_cache=True, logits_to_keep=1)
+
+    def _positions(self, kwargs: dict, rows: list[list[int]]) -> torch.Tensor:
+        """Explicit positions for a left-padded full-sequence batch; returns each row's next position."""
+        if self.spec.mrope:  # batch_inputs built them; the last column is a text token (equal axes)
+            return kwargs["position_ids"][:, :, -1].max(0).values + 1
+        mask = kwargs["attention_mask"]
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        return torch.tensor([len(r) for r in rows])
+
+    def _prefill_full(self, requests: Sequence[Expansion]):
+        """Prompt + image + prefix of every request, from scratch (also the fallback)."""
+        rows = [r.prompt.token_ids + r.prefix_ids for r in requests]
+        images = [r.prompt.image_inputs for r in requests]
+        kwargs = batch_inputs(self.model.config, rows, images, self.pad_id, "left")
+        next_pos = self._positions(kwargs, rows)
+        out = self._forward(kwargs)
+        self.stats["prefill_tokens"] += sum(map(len, rows))
+        return out.past_key_values, out.logits[:, -1].float(), kwargs["attention_mask"].to(self.device), next_pos
+
+    def _cache_prompts(self, prompts: list[EncodedPrompt]) -> None:
+        """Prefill ``prompts`` but their last token (image encoded here, once) and keep their KV."""
+        rows = [p.token_ids[:-1] for p in prompts]
+        images = [p.image_inputs for p in prompts]
+        kwargs = batch_inputs(self.model.config, rows, images, self.pad_id, "left")
+        self._positions(kwargs, rows)
+        out = self._forward(kwargs)
+        self.stats["prefill_tokens"] += sum(map(len, rows))
+        self.stats["prompt_prefills"] += len(prompts)
+        width = kwargs["input_ids"].shape[1]
+        for i, (prompt, row) in enumerate(zip(prompts, rows)):
+            layers = [(layer.keys[i:i + 1, :, width - len(row):].clone(),
+                       layer.values[i:i + 1, :, width - len(row):].clone())
+                      for layer in out.past_key_values.layers]
+            if self.spec.mrope:
+                last = int(mrope_positions(self.model.config, prompt.token_ids,
+                                           prompt.image_inputs.get("image_grid_thw"))[:, -1].max())
+            else:
+                last = len(prompt.token_ids) - 1
+            self._cached[id(prompt)] = _CachedPrompt(prompt, layers, last)
+
+    def _prefill_from_prompt_cache(self, requests: Sequence[Expansion]):
+        """Each request's last prompt token and prefix on top of its prompt's cached KV.
+
+        Row layout: [pad | prompt[:-1] | pad | prompt[-1] + prefix]; the mask hides both pads and
+        the explicit positions continue the prompt's own, so the result equals a full prefill.
+        """
+        from transformers import DynamicCache
+
+        by_id = {id(r.prompt): r.prompt for r in requests}
+        prompts = list(by_id.values())
+        # Bounded: keep only the prompts this call continues (the search drops finished ones).
+        self._cached = {k: v for k, v in self._cached.items() if k in by_id}
+        missing = [p for p in prompts if id(p) not in self._cached]
+        if missing:
+            self._cache_prompts(missing)
+        entries = [self._cached[id(p)] for p in prompts]
+        index = {id(p): i for i, p in enumerate(prompts)}
+        width = max(len(p.token_ids) - 1 for p in prompts)
+        cache = DynamicCache(config=self.model.config)
+        for layer_idx in range(len(entries[0].layers)):
+            keys, values = (torch.cat([torch.nn.functional.pad(e.layers[layer_idx][j],
+                                                               (0, 0, width - e.layers[layer_idx][j].shape[2], 0))
+                                       for e in entries]) for j in (0, 1))
+            cache.update(keys, values, layer_idx)
+        prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            prompt_mask[i, width - len(p.token_ids) + 1:] = 1
+        of_request = torch.tensor([index[id(r.prompt)] for r in requests])
+        cache.batch_select_indices(of_request.to(self.device))
+
+        chunks = [r.prompt.token_ids[-1:] + r.prefix_ids for r in requests]
+        chunk_width = max(map(len, chunks))
+        chunk_ids = torch.full((len(requests), chunk_width), self.pad_id, dtype=torch.long)
+        chunk_mask = torch.zeros((len(requests), chunk_width), dtype=torch.long)
+        positions = torch.zeros((len(requests), chunk_width), dtype=torch.long)
+        for i, (r, chunk) in enumerate(zip(requests, chunks)):
+            start = chunk_width - len(chunk)
+            chunk_ids[i, start:] = torch.tensor(chunk)
+            chunk_mask[i, start:] = 1
+            first = entries[of_request[i]].last_pos
+            positions[i, start:] = torch.arange(first, first + len(chunk))
+        attention = torch.cat([prompt_mask[of_request], chunk_mask], dim=1)
+        position_ids = positions[None].expand(3, -1, -1) if self.spec.mrope else positions
+        out = self._forward({"input_ids": chunk_ids, "attention_mask": attention, "position_ids": position_ids},
+                            past_key_values=cache)
+        self.stats["prefill_tokens"] += sum(map(len, chunks))
+        return out.past_key_values, out.logits[:, -1].float(), attention.to(self.device), positions[:, -1] + 1
+
+    def _can_use_prompt_cache(self, requests: Sequence[Expansion]) -> bool:
+        if not self.prompt_cache or min(len(r.prompt.token_ids) for r in requests) < 2:
+            return False
+        if self.sliding_window is None:
+            return True
+        # Sliding-window layers (Gemma3) mask by cache slot: the padding between a cached prompt and its
+        # prefix counts against the window, so take the exact full prefill once it could matter.
+        longest = max(len(r.prompt.token_ids) for r in requests) + max(len(r.prefix_ids) for r in requests)
+        return longest + self.search.max_new_tokens + 1 < self.sliding_window
+
     def expand(self, requests: Sequence[Expansion]) -> list[list[Continuation]]:
         if not requests:
             return []
-        seqs = [r.prompt.token_ids + r.prefix_ids for r in requests]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, seq in enumerate(seqs):  # left padding: every row's next token sits at the same column
-            input_ids[i, width - len(seq):] = torch.tensor(seq)
-            attention[i, width - len(seq):] = 1
-        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
-        image_inputs = {k: v.to(self.device) for k, v in
-                        concat_image_inputs([r.prompt.image_inputs for r in requests]).items()}
-        if "pixel_values" in image_inputs:
-            image_inputs["pixel_values"] = image_inputs["pixel_values"].to(self.model.dtype)
-        from transformers import DynamicCache
+        with self._lock:
+            return self._expand(requests)
 
-        out = self.model(input_ids=input_ids, attention_mask=attention, past_key_values=DynamicCache(),
-                         use_cache=True, **image_inputs)
+    @torch.inference_mode()
+    def _expand(self, requests: Sequence[Expansion]) -> list[list[Continuation]]:
+        prefill = self._prefill_from_prompt_cache if self._can_use_prompt_cache(requests) else self._prefill_full
+        cache, logits, attention, next_pos = prefill(requests)
         # One prefill per (prompt, prefix); the K candidates share it through a replicated cache.
         request_of_row = torch.repeat_interleave(
             torch.arange(len(requests), device=self.device),
@@ -187,11 +312,10 @@ class TransformersEngine:
         group_of_row = torch.cat([torch.arange(r.n, device=self.device) for r in requests])
         row_seeds = torch.tensor([stable_seed(r.seed, k) for r in requests for k in range(r.n)],
                                  dtype=torch.long, device=self.device)
-        cache = out.past_key_values
         cache.batch_select_indices(request_of_row)
-        logits = out.logits[:, -1].float()[request_of_row]
+        logits = logits[request_of_row]
         attention = attention[request_of_row]
-        del out
+        next_pos = next_pos.to(self.device)[request_of_row]
 
         rows, steps = request_of_row.shape[0], self.search.max_new_tokens
         live = torch.arange(rows, device=self.device)          # original row of each batch row
@@ -221,13 +345,19 @@ class TransformersEngine:
                 # Drop finished rows once a quarter of the batch has ended: sentences differ in
                 # length, and decoding dead rows to the longest one would waste most of the step.
                 keep = active.nonzero(as_tuple=True)[0]
+                self.stats["rows_dropped"] += int(active.numel() - keep.numel())
                 cache.batch_select_indices(keep)
                 attention, tokens, live, active = attention[keep], tokens[keep], live[keep], active[keep]
+                next_pos = next_pos[keep]
             attention = torch.cat([attention, active[:, None].long()], dim=1)
+            # Explicit positions: M-RoPE cannot rebuild them from the mask once rows were dropped.
+            positions = next_pos[:, None]
             out = self.model(input_ids=tokens[:, None], attention_mask=attention, past_key_values=cache,
+                             position_ids=positions[None].expand(3, -1, -1) if self.spec.mrope else positions,
                              use_cache=True)
             logits = out.logits[:, -1].float()
             cache = out.past_key_values
+            next_pos = next_pos + 1
 
         token_rows, logprob_rows = token_buf.tolist(), logprob_buf.tolist()
         lengths_t, finish_t, request_t = lengths.tolist(), finish.tolist(), request_of_row.tolist()

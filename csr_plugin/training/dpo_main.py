@@ -96,6 +96,16 @@ def _mirror_tokenizer_fields(processor) -> None:
             setattr(processor, name, getattr(tokenizer, name))
 
 
+def checkpoint_dtype(model_path: str) -> torch.dtype:
+    """The dtype a checkpoint was saved in (its config's ``dtype``), fp32 when it does not say."""
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(model_path), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
 def _save_final(strategy, policy, processor, cfg: DPOConfig, model_path: str, final: Path) -> None:
     strategy.save_model(policy, processor, str(final))
     if cfg.lora_rank > 0 and strategy.is_rank_0():
@@ -103,14 +113,20 @@ def _save_final(strategy, policy, processor, cfg: DPOConfig, model_path: str, fi
         from peft import PeftModel
         from transformers import AutoModelForImageTextToText
 
+        # Merged in fp32 (W + BA without rounding twice), saved in the base checkpoint's own dtype:
+        # a bf16 7B model stays 14 GB, not 28, and the next stage loads what it loaded before.
         base = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
         merged = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
+        merged.to(checkpoint_dtype(model_path))
         for name in os.listdir(final):
             if name.startswith("adapter_"):
                 os.remove(final / name)
         merged.save_pretrained(final)
         processor.save_pretrained(final)
     if strategy.is_rank_0():
+        from csr_plugin.checkpoint_layout import to_hub_layout
+
+        to_hub_layout(final)  # the key layout vLLM loads; a toy model's start would keep transformers' own
         (final / COMPLETE).write_text("done\n")
     torch.distributed.barrier()
 

@@ -6,6 +6,14 @@ image is shared by chosen and rejected, so it is repeated once), and compute the
 reference model in the same call: TDPO needs both models' full distributions at
 once, and the reference forward that the loop requests next is then served from
 that call instead of being run twice.
+
+Per-image tensors come from the collate (tiles padded across the micro-batch) and are
+stacked twice, chosen rows then rejected rows, in the order of ``concatenated_inputs``.
+Per-token ones are not passed: OpenRLHF's ``Actor.forward`` for a VLM (``is_vlm``, set by
+``load_actor``) rebuilds ``mm_token_type_ids`` (Qwen) or ``token_type_ids`` (Gemma3) for the
+full padded sequences from the image token id, and passes ``position_ids=None`` so Qwen-VL
+computes its own 3-D M-RoPE positions rather than getting 1-D ones.
+tests/test_family_pipeline.py checks the log-probs against plain forwards for every family.
 """
 from __future__ import annotations
 
@@ -37,13 +45,8 @@ class MultimodalDPOTrainer(DPOTrainer):
         if model is self.ref_model and self._reference is not None:
             reference, self._reference = self._reference, None
             return reference
-        device = chosen_ids.device
-        input_ids, att_masks, prompt_lens = self.concatenated_inputs(
-            chosen_ids, c_mask, reject_ids, r_mask, list(prompt_id_lens))
-        image_inputs = {}
-        for key, value in getattr(prompt_id_lens, "image_inputs", {}).items():
-            value = torch.cat([value, value], dim=0).to(device)  # chosen and rejected see the same image
-            image_inputs[key] = value.to(self._dtype(model)) if value.is_floating_point() else value
+        input_ids, att_masks, prompt_lens, image_inputs = self.forward_inputs(
+            model, chosen_ids, c_mask, reject_ids, r_mask, prompt_id_lens)
         n = chosen_ids.shape[0]
 
         log_probs, output = model(input_ids, attention_mask=att_masks, return_output=True, return_logprobs=True,
@@ -63,6 +66,16 @@ class MultimodalDPOTrainer(DPOTrainer):
                 self._margins.append(float((logps_sum[:n] - logps_sum[n:]).detach().mean()))
         aux_loss = output.aux_loss if "aux_loss" in output else []
         return logps_sum[:n], logps_sum[n:], aux_loss, -logps_mean[:n].mean()
+
+    def forward_inputs(self, model, chosen_ids, c_mask, reject_ids, r_mask, prompt_id_lens):
+        """(input_ids, attention_mask, prompt lengths, image inputs) of the chosen rows then the rejected rows."""
+        input_ids, att_masks, prompt_lens = self.concatenated_inputs(
+            chosen_ids, c_mask, reject_ids, r_mask, list(prompt_id_lens))
+        image_inputs = {}
+        for key, value in getattr(prompt_id_lens, "image_inputs", {}).items():
+            value = torch.cat([value, value], dim=0).to(chosen_ids.device)  # chosen and rejected share the image
+            image_inputs[key] = value.to(self._dtype(model)) if value.is_floating_point() else value
+        return input_ids, att_masks, prompt_lens, image_inputs
 
     @staticmethod
     def _dtype(model) -> torch.dtype:

@@ -92,7 +92,7 @@ def test_two_rank_zero3_dpo_learns_the_preference(tmp_path, tiny_recipe_dict, ha
     recipe = json.loads(json.dumps(tiny_recipe_dict))
     recipe["output_dir"] = str(tmp_path / "dpo")
     recipe["dpo"] = {"pairs": str(hand_pairs), "nproc": 2, "zero_stage": 3, "batch": 4, "micro_batch": 1,
-                     "epochs": 4, "lr": 1.0e-3, "ckpt_steps": 0, "master_port": 29561}
+                     "epochs": 4, "lr": 1.0e-3, "ckpt_steps": 0}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     result = subprocess.run([sys.executable, "-m", "csr_plugin.cli", "train-dpo", "--config",
                              str(tmp_path / "r.yaml")], cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -178,8 +178,7 @@ def test_sample_curate_train_dpo_eval_chain(family, family_root, tmp_path, tiny_
         "search": {"beam_width": 3, "candidates": 3, "keep_top": 1, "keep_bottom": 2, "max_sentences": 2,
                    "max_new_tokens": 8, "batch_prompts": 6},
         "dpo": {"pairs": str(out / "pairs.jsonl"), "nproc": 2, "zero_stage": 3, "batch": 4, "micro_batch": 2,
-                "epochs": 1, "lr": 1.0e-3, "warmup_ratio": 0.0, "ckpt_steps": 0,
-                "master_port": 29571 + list(CHAIN).index(family), **CHAIN[family]},
+                "epochs": 1, "lr": 1.0e-3, "warmup_ratio": 0.0, "ckpt_steps": 0, **CHAIN[family]},
         "eval": {**world, "batch": 2, "max_new_tokens": 8, "pope_per_image": 1},
     }
     config = tmp_path / "r.yaml"

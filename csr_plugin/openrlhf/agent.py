@@ -10,8 +10,9 @@ engine it is given: the search runs in a worker thread, and every step's
 candidate expansions are submitted to the actor's event loop at once, so vLLM
 batches them and its prefix cache shares the prompt, the image and each
 response prefix across candidates and steps. Per-step sampling parameters
-are OpenRLHF's (temperature, top_p, top_k) with ``n`` = search.candidates,
-sentence-end stop tokens, the search's token budget, a per-request seed and
+are OpenRLHF's (temperature, top_p, top_k) with ``n`` = search.candidates
+returned all at once (``output_kind=FINAL_ONLY``: ``RolloutRayActor.generate``
+keeps only vLLM's last streamed output), sentence-end stop tokens, the search's token budget, a per-request seed and
 ``logprobs=0`` (R_T needs the sampled tokens' log-probs). CLIP loads once per
 worker process and is shared by all concurrent calls.
 

@@ -10,8 +10,10 @@ through the same resumable writer, retry and dead-actor handling as our own
 sampling actors (ray_sampling.py).
 
 We build the actors ourselves rather than through ``create_vllm_engines``: that
-helper hard-codes ``trust_remote_code=True`` and a weight-sync worker extension
-that offline sampling has no use for; the actor class and its kwargs are OpenRLHF's.
+helper hard-codes ``trust_remote_code=True``, a weight-sync worker extension
+that offline sampling has no use for, GPU bundles in a placement group, and no way
+to pass engine arguments (``search.vllm``: on CPU vLLM needs some to run at all);
+the actor class and its kwargs are OpenRLHF's.
 """
 from __future__ import annotations
 
@@ -49,6 +51,25 @@ def _context_length(path: str, trust_remote_code: bool) -> int:
     return int(getattr(text_config, "max_position_embeddings", 4096))
 
 
+def rollout_actor_kwargs(recipe: Recipe, use_gpu: bool, processor) -> dict:
+    """What RolloutRayActor gets: OpenRLHF's own actor arguments, our agent, and the vLLM engine
+    arguments of `search.vllm` over our defaults (the CPU ones without a GPU)."""
+    from csr_plugin.sampler.vllm_engine import engine_args
+
+    model = recipe.model
+    image_token = getattr(processor, "image_token_id", None)
+    gpus = 1 if use_gpu else 0
+    kwargs = dict(
+        model=model.path, tensor_parallel_size=1, seed=recipe.search.seed, distributed_executor_backend="uni",
+        enable_prefix_caching=True, trust_remote_code=model.trust_remote_code,
+        dtype={"auto": "bfloat16"}.get(model.dtype, model.dtype),  # vLLM's own auto would pick fp16 for fp32
+        max_model_len=_context_length(model.path, model.trust_remote_code), limit_mm_per_prompt={"image": 1},
+        full_determinism=False, bundle_indices=None, num_gpus=gpus, agent_func_path=str(AGENT_FILE),
+        remote_rm_url=None, mm_pad_token_ids={image_token} if image_token is not None else set())
+    kwargs.update(engine_args(recipe.search, cpu=not use_gpu))
+    return kwargs
+
+
 class OpenRLHFEngines:
     """The dispatcher's view of OpenRLHF rollout actors: how to start one and what one call returns."""
 
@@ -58,14 +79,15 @@ class OpenRLHFEngines:
         from transformers import AutoProcessor
 
         from csr_plugin.ray_sampling import actor_recipe
-        from csr_plugin.sampler.vllm_engine import import_vllm
+        from csr_plugin.sampler.vllm_engine import cpu_env, import_vllm
 
         import_vllm()  # the driver unpickles vLLM objects and imports OpenRLHF's actor module
         from openrlhf.trainer.ray.vllm_engine import RolloutRayActor
 
         model = recipe.model
         self.processor = AutoProcessor.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
-        self.max_length = _context_length(model.path, model.trust_remote_code)
+        self.kwargs = rollout_actor_kwargs(recipe, use_gpu, self.processor)
+        self.max_length = self.kwargs["max_model_len"]
         self.in_flight_per_actor = max(1, recipe.search.batch_prompts)
         # The agent keeps OpenRLHF's temperature / top-p and sets everything else per search step.
         self.params = import_vllm().SamplingParams(temperature=recipe.search.temperature, top_p=recipe.search.top_p,
@@ -74,19 +96,13 @@ class OpenRLHFEngines:
         recipe_file = Path(recipe.output_dir).resolve() / "openrlhf_engine_recipe.yaml"
         recipe_file.parent.mkdir(parents=True, exist_ok=True)
         recipe_file.write_text(yaml.safe_dump(actor_recipe(recipe), sort_keys=False))
+        # flash-attn's CPU install imports only with its Triton backend; on an NVIDIA GPU the variable
+        # would select its ROCm backend, so only CPU engines get it.
+        cpu = {"FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE", **cpu_env()}
         env = {"CSR_RECIPE": str(recipe_file), "CSR_RECIPE_OVERRIDES": "", "TOKENIZERS_PARALLELISM": "false",
-               "FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE", **extra_env}
-        gpus = 1 if use_gpu else 0
-        self.actor = RolloutRayActor.options(num_cpus=1, num_gpus=gpus, max_restarts=0,
+               **({} if use_gpu else cpu), **extra_env}
+        self.actor = RolloutRayActor.options(num_cpus=1, num_gpus=self.kwargs["num_gpus"], max_restarts=0,
                                              runtime_env={"env_vars": env})
-        image_token = getattr(self.processor, "image_token_id", None)
-        dtype = {"auto": "bfloat16"}.get(model.dtype, model.dtype)  # vLLM's own auto would pick fp16 for fp32
-        self.kwargs = dict(
-            model=model.path, tensor_parallel_size=1, seed=recipe.search.seed, distributed_executor_backend="uni",
-            enable_prefix_caching=True, enforce_eager=False, dtype=dtype, trust_remote_code=model.trust_remote_code,
-            max_model_len=self.max_length, limit_mm_per_prompt={"image": 1}, full_determinism=False,
-            bundle_indices=None, num_gpus=gpus, agent_func_path=str(AGENT_FILE), remote_rm_url=None,
-            mm_pad_token_ids={image_token} if image_token is not None else set())
 
     def new_actor(self):
         return self.actor.remote(**self.kwargs)

@@ -75,6 +75,7 @@ def ppo_flags(recipe: Recipe, prompts_file: str | Path) -> dict[str, Any]:
         "ref.num_nodes": cfg.nodes, "ref.num_gpus_per_node": cfg.gpus_per_node,
         "vllm.num_engines": cfg.vllm_engines, "vllm.tensor_parallel_size": cfg.vllm_tp,
         "vllm.gpu_memory_utilization": cfg.vllm_gpu_memory, "vllm.enable_prefix_caching": True,
+        "vllm.enforce_eager": cfg.vllm_enforce_eager,
         "vllm.enable_sleep": cfg.colocate_all, "ds.enable_sleep": cfg.colocate_all,
         "algo.advantage.estimator": cfg.estimator, "algo.advantage.gamma": cfg.gamma,
         "algo.advantage.lambd": cfg.lambd, "algo.kl.init_coef": cfg.init_kl_coef,

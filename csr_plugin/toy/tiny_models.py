@@ -1,7 +1,8 @@
 """Tiny models built offline from the real builders, saved in the standard formats.
 
 ``build_tiny_vlm`` writes a LLaVA-architecture checkpoint (CLIP vision tower,
-projector, LLaMA decoder) with a byte-level BPE tokenizer trained here, and a
+projector, LLaMA decoder with head_dim 32, the smallest vLLM's CPU attention
+takes) in the hub's key layout, with a byte-level BPE tokenizer trained here, and a
 processor with a chat template: AutoModelForImageTextToText and AutoProcessor
 load it exactly as they load llava-hf/llava-1.5-7b-hf. ``build_tiny_clip``
 writes an open_clip model-config JSON and a weights file, loaded as
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+
+from csr_plugin.checkpoint_layout import to_hub_layout
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", IMAGE_TOKEN]
@@ -63,7 +66,8 @@ def build_tiny_vlm(out_dir: str | Path, corpus: Iterable[str] = DEFAULT_CORPUS, 
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=image_size, patch_size=patch_size, projection_dim=32)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                       # head_dim 32: vLLM's CPU attention refuses 16
+                       num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
                        max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     n_patches = (image_size // patch_size) ** 2
@@ -79,6 +83,7 @@ def build_tiny_vlm(out_dir: str | Path, corpus: Iterable[str] = DEFAULT_CORPUS, 
                                vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
                                num_additional_image_tokens=1)
     model.save_pretrained(out_dir)
+    to_hub_layout(out_dir)  # the key layout of llava-hf checkpoints, which vLLM loads
     processor.save_pretrained(out_dir)
     return out_dir
 

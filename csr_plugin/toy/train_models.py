@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from csr_plugin.checkpoint_layout import to_hub_layout
 from csr_plugin.toy import world
 from csr_plugin.toy.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
 
@@ -139,5 +140,6 @@ def train_vlm(scenes: list[world.Scene], out_dir: Path, steps: int, seed: int, b
         schedule.step()
     model.eval()
     model.save_pretrained(out_dir)
+    to_hub_layout(out_dir)  # the key layout of llava-hf checkpoints, which vLLM loads
     processor.save_pretrained(out_dir)
     return out_dir

@@ -127,7 +127,8 @@ def test_trainer_logprobs_equal_plain_forwards_in_a_micro_batch_of_two(family, f
 # batch, one image list per text in evaluation). All seven families get the micro-batch log-prob
 # check above, the reward scorer check below and the batched generation check in
 # test_eval_metrics.py; the whole chain costs 30-75 s a family on this 2-core machine.
-CHAIN = {"llava": {}, "qwen2_vl": {"lora_rank": 8, "lora_alpha": 16}, "smolvlm": {}}
+CHAIN = {"llava": {}, "llava_next": {}, "qwen2_vl": {"lora_rank": 8, "lora_alpha": 16}, "qwen2_5_vl": {},
+         "gemma3": {}, "idefics3": {}, "smolvlm": {}}
 
 
 def _chain_world(folder: Path) -> dict:

@@ -11,7 +11,7 @@ if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt scripts/
 fi
 PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-echo "setting up $VENV (first run only, about two minutes)..."
+echo "setting up $VENV (first run only, several minutes: torch, OpenRLHF, DeepSpeed, vLLM)..."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # pip's configured local indexes warn about every package they do not hold: keep only real messages.
 pip_install() {

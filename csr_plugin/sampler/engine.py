@@ -64,6 +64,15 @@ def never_sampled_ids(tokenizer, eos_ids: set[int], image_token_id: Optional[int
     return {i for i in special - set(eos_ids) if isinstance(i, int) and 0 <= i < vocab_size}
 
 
+def added_text(tokenizer, prefix_ids: list[int], new_ids: list[int]) -> str:
+    """The text ``new_ids`` add after ``prefix_ids``. Decoded in context (SentencePiece drops a
+    leading space when a piece is decoded alone), so a node's text is the same whichever engine made it."""
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    before = decode(prefix_ids)
+    after = decode(prefix_ids + new_ids)
+    return after[len(before):] if after.startswith(before) else decode(new_ids)
+
+
 def stable_seed(*parts) -> int:
     """A 63-bit seed from ``parts`` that is the same in every process (unlike ``hash``)."""
     digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()

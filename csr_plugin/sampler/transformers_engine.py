@@ -22,7 +22,7 @@ import torch
 from csr_plugin.config import ModelConfig, SearchConfig
 from csr_plugin.multimodal import batch_inputs, chat_prompt, encode_prompt, family_of, mrope_positions
 from csr_plugin.reward.clip_relevance import resolve_device
-from csr_plugin.sampler.engine import Continuation, EncodedPrompt, Expansion, never_sampled_ids, stable_seed
+from csr_plugin.sampler.engine import Continuation, EncodedPrompt, Expansion, added_text, never_sampled_ids, stable_seed
 from csr_plugin.sampler.sentence_end import sentence_end_token_ids
 
 
@@ -183,12 +183,6 @@ class TransformersEngine:
             live = active[rows].float()
             counts.index_put_((request_of_row[rows], chosen), live, accumulate=True)
         return tokens
-
-    def _decode_text(self, prefix_ids: list[int], new_ids: list[int]) -> str:
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        before = decode(prefix_ids)
-        after = decode(prefix_ids + new_ids)
-        return after[len(before):] if after.startswith(before) else decode(new_ids)
 
     # ---------------------------------------------------------------- prefill
     def _forward(self, kwargs: dict, **extra):
@@ -368,5 +362,5 @@ class TransformersEngine:
             request = requests[request_t[row]]
             results[request_t[row]].append(Continuation(
                 token_ids=new_ids, logprobs=logprob_rows[row][:lengths_t[row]],
-                text=self._decode_text(request.prefix_ids, new_ids), finish=names[finish_t[row]]))
+                text=added_text(self.tokenizer, request.prefix_ids, new_ids), finish=names[finish_t[row]]))
         return results

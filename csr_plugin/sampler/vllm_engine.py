@@ -35,7 +35,8 @@ from typing import Sequence
 
 from csr_plugin.config import ConfigError, ModelConfig, SearchConfig
 from csr_plugin.multimodal import chat_prompt
-from csr_plugin.sampler.engine import Continuation, EncodedPrompt, Expansion, FinishReason, never_sampled_ids
+from csr_plugin.sampler.engine import (Continuation, EncodedPrompt, Expansion, FinishReason, added_text,
+                                       never_sampled_ids)
 from csr_plugin.sampler.sentence_end import sentence_end_token_ids
 from csr_plugin.sampler.transformers_engine import PromptTooLongError
 
@@ -151,17 +152,9 @@ class VllmSentenceRules:
             # vLLM keeps the EOS in token_ids; it adds no text.
             text_ids = token_ids[:-1] if token_ids and token_ids[-1] in self.eos_ids else token_ids
             results.append(Continuation(token_ids=token_ids, logprobs=logprobs,
-                                        text=self._decode_text(prefix_ids, text_ids),
+                                        text=added_text(self.tokenizer, prefix_ids, text_ids),
                                         finish=self._finish(output, token_ids)))
         return results
-
-    def _decode_text(self, prefix_ids: list[int], new_ids: list[int]) -> str:
-        """The text ``new_ids`` add after ``prefix_ids``, as the transformers engine computes it, so a
-        node's text never depends on which engine produced it."""
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        before = decode(prefix_ids)
-        after = decode(prefix_ids + new_ids)
-        return after[len(before):] if after.startswith(before) else decode(new_ids)
 
     def _finish(self, output, token_ids: list[int]) -> FinishReason:
         last = token_ids[-1] if token_ids else None

@@ -17,6 +17,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if (args.ray_address or args.openrlhf) and not args.ray:
         raise ConfigError("--ray-address and --openrlhf need --ray (without it `csr sample` runs here, serially).")
     recipe = load_recipe(args.config, args.overrides)
+    _route_logs(recipe.output_dir)
     if args.ray:
         from csr_plugin.ray_sampling import sample_on_ray
 
@@ -51,7 +52,14 @@ def _cmd_train_dpo(args: argparse.Namespace) -> int:
         raise ConfigError("`dpo.pairs` is required: the pairs JSONL written by `csr curate`.")
     if not Path(recipe.dpo.pairs).is_file():
         raise FileNotFoundError(f"dpo.pairs {recipe.dpo.pairs!r} not found; run `csr curate` first.")
-    code = run_dpo(recipe, args.config, args.overrides, recipe.model.path, recipe.dpo.pairs, recipe.output_dir)
+    from csr_plugin.run_logs import subprocess_log
+
+    _route_logs(recipe.output_dir)
+    log_file = subprocess_log(recipe.output_dir, "dpo")   # None with --verbose: the ranks print here
+    if log_file is not None:
+        print(f"DPO of {recipe.model.path} on {recipe.dpo.pairs} ...  ranks' log: {log_file}", flush=True)
+    code = run_dpo(recipe, args.config, args.overrides, recipe.model.path, recipe.dpo.pairs, recipe.output_dir,
+                   log_file=log_file)
     if code == 0:
         print(f"trained model: {Path(recipe.output_dir) / 'final'}")
     return code
@@ -60,6 +68,7 @@ def _cmd_train_dpo(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from csr_plugin.pipeline import run, summary_table
 
+    _route_logs(load_recipe(args.config, args.overrides).output_dir)
     rows = run(args.config, args.overrides)
     print(summary_table(rows))
     return 0
@@ -78,6 +87,7 @@ def _cmd_serve_reward(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from csr_plugin.toy.demo import run_demo
 
+    _route_logs(args.output)
     run_demo(args.output, args.seed, args.iterations, args.lambda_, args.config, extra=args.overrides,
              size="quick" if args.quick else "full")
     return 0
@@ -133,9 +143,28 @@ def _add_overrides(parser: argparse.ArgumentParser, help: str = "recipe override
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help=help)
 
 
+_VERBOSE_HELP = ("show everything on the terminal: debug logging, library warnings, every DPO rank's output "
+                 "(by default they go to <output_dir>/logs/)")
+
+
+def _quiet_by_default(parser: argparse.ArgumentParser) -> None:
+    """Stage lines and results on the terminal, the rest under <output_dir>/logs/ (csr_plugin/run_logs.py)."""
+    # SUPPRESS: `csr -v demo` is not undone by this option's default
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
+    parser.set_defaults(quiet_logs=True)
+
+
+def _route_logs(output_dir: str) -> None:
+    """In quiet mode: warnings and library logs to <output_dir>/logs/csr.log (prints that folder once)."""
+    from csr_plugin import run_logs
+
+    if run_logs.is_quiet():
+        run_logs.route_logs(output_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csr", description="Calibrated Self-Rewarding (CSR) for VLMs, in OpenRLHF.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("sample", help="sentence-level beam search with calibrated rewards -> trees.jsonl",
@@ -151,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--openrlhf", action="store_true", help="with --ray: the actors are OpenRLHF's vLLM rollout "
                    "actors running our agent executor (GPUs, needs vllm)")
     _add_overrides(p)
+    _quiet_by_default(p)
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("curate", help="search trees -> chosen/rejected preference pairs (JSONL)",
@@ -167,12 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Trains model.path on dpo.pairs; writes <output_dir>/final. Resumable.")
     p.add_argument("--config", required=True, help="recipe YAML with a `dpo` section")
     _add_overrides(p)
+    _quiet_by_default(p)
     p.set_defaults(func=_cmd_train_dpo)
 
     p = sub.add_parser("run", help="the iterative CSR loop: sample -> curate -> DPO, T times, resumable",
                        description="Writes iter_<t>/ folders, metrics.jsonl and metrics.png under output_dir.")
     p.add_argument("--config", required=True, help="recipe YAML with `loop` and `dpo` sections")
     _add_overrides(p)
+    _quiet_by_default(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("eval", help="hallucination of a checkpoint: CHAIR_s, CHAIR_i, object recall, POPE",
@@ -205,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="recipes/toy.yaml", help="recipe (default: recipes/toy.yaml)")
     p.add_argument("--quick", action="store_true", help="a smaller world and weaker models built in about a minute")
     _add_overrides(p)
+    _quiet_by_default(p)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("train-ppo", help="OpenRLHF PPO / REINFORCE with CSR rollouts and step-wise rewards (GPUs)",
@@ -234,16 +267,37 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("csr_plugin").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from csr_plugin import run_logs
+    from csr_plugin.training.launch import inside_distributed_launch
+
+    # Before the heavy imports, whose warnings are part of what goes to the log file. A rank started by
+    # an outside launcher (torchrun -m csr_plugin.cli train-dpo) leaves its output to that launcher.
+    quiet = getattr(args, "quiet_logs", False) and not args.verbose and not inside_distributed_launch()
+    if quiet:
+        run_logs.quiet_terminal()
     from csr_plugin.sampling import SystematicFailure
+
+    def logs_hint() -> None:
+        if run_logs.active_logs_dir() is not None:
+            print(f"csr {args.command}: logs: {run_logs.active_logs_dir()}/", file=sys.stderr, flush=True)
 
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"csr {args.command}: error: {exc}", file=sys.stderr)
+        logs_hint()
         return 2
     except SystematicFailure as exc:
         print(f"csr {args.command}: stopped: {exc}", file=sys.stderr)
+        logs_hint()
         return 1
+    except Exception as exc:
+        run_logs.record_crash(exc)   # the traceback follows on the terminal
+        logs_hint()
+        raise
+    finally:
+        if quiet:
+            run_logs.restore()   # a caller that goes on (the tests) gets its logging back as it was
 
 
 if __name__ == "__main__":

@@ -62,6 +62,9 @@ class DataConfig:
     prompts: str = _help("Prompts JSONL with {id, image, question}; relative images resolve against its folder.",
                          default="prompts.jsonl")
     limit: Optional[int] = _help("Use only the first N prompts (null = all).", default=None)
+    truth: str = _help("Optional ground truth of these prompts, JSONL {id, objects}: the pair diagnostics then "
+                       "add CHAIR of chosen and rejected responses (the object vocabulary is eval.vocabulary).",
+                       default="")
 
     def validate(self, where: str) -> None:
         if self.limit is not None and self.limit < 1:
@@ -145,6 +148,25 @@ class CurationConfig:
     min_margin: float = _help("Drop pairs whose chosen-minus-rejected reward is below this.", default=0.0)
     length_normalize: bool = _help("Score a response by the mean sentence reward (true) or the sum (false).",
                                    default=True)
+    reward_baseline: Literal["none", "prompt_mean"] = _help(
+        "With the sum: prompt_mean counts each sentence by how far its calibrated reward is above the mean "
+        "of all candidate sentences sampled for the same prompt, so a sentence below the average (typically "
+        "a hallucinated one) lowers the response's score and length alone earns nothing; none = raw rewards "
+        "(the paper).", default="none")
+    stop_at_any_sentence: bool = _help(
+        "Also consider every response cut after one of its sentences (trained with EOS): stopping becomes a "
+        "scored choice, so a chosen response can end before the sentence where every sampled continuation "
+        "hallucinated. false = complete responses only (the paper).", default=False)
+    rejected: Literal["lowest", "lowest_same_length"] = _help(
+        "lowest: the lowest-scoring response (the paper); lowest_same_length: the lowest among those with the "
+        "chosen one's sentence count (the nearest count if none), so DPO learns what to say, not how much.",
+        default="lowest")
+
+    def validate(self, where: str) -> None:
+        if self.reward_baseline != "none" and self.length_normalize:
+            raise ConfigError(f"`{where}.reward_baseline: {self.reward_baseline}` changes nothing with "
+                              f"`{where}.length_normalize: true` (a constant shifts every mean alike): set "
+                              f"`{where}.length_normalize: false`.")
 
 
 @dataclass
@@ -155,6 +177,10 @@ class DPOConfig:
     beta: float = _help("KL strength beta (official CSR: 0.1).", default=0.1)
     alpha: float = _help("TDPO2 weight of the sequential KL term.", default=0.5)
     label_smoothing: float = _help("Conservative DPO label smoothing (0 = plain DPO).", default=0.0)
+    nll_loss_coef: float = _help(
+        "Weight of the chosen responses' negative log-likelihood (mean per token) added to the preference loss "
+        "(OpenRLHF's --model.nll_loss_coef; RPO, Pang et al. 2024). It keeps the model producing what the chosen "
+        "responses say, so DPO cannot lower hallucination only by saying less. 0 = plain DPO.", default=0.0)
     zero_stage: int = _help("DeepSpeed ZeRO stage: 3 partitions parameters, 2 only optimizer state and "
                             "gradients.", default=3)
     nproc: int = _help("Processes `csr train-dpo` starts on this machine (GPUs, or CPU ranks with gloo).",
@@ -195,6 +221,8 @@ class DPOConfig:
         _at_least(self, where, 0, ("lora_rank", "ckpt_steps", "weight_decay", "max_norm"))
         if self.beta <= 0 or self.lr <= 0:
             raise ConfigError(f"`{where}.beta` and `{where}.lr` must be > 0, got {self.beta} and {self.lr}.")
+        if self.nll_loss_coef < 0:
+            raise ConfigError(f"`{where}.nll_loss_coef` must be >= 0, got {self.nll_loss_coef}.")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"`{where}.label_smoothing` must be in [0, 0.5), got {self.label_smoothing}.")
         if self.master_port is not None and not 1024 <= self.master_port <= 65535:

@@ -1,7 +1,8 @@
 """Search trees -> preference pairs (CSR: chosen = best complete response, rejected = worst).
 
 A response is the path from the root to a final node; its score is the mean
-(``length_normalize``) or the sum of its sentences' calibrated rewards. Pairs
+(``length_normalize``) or the sum of its sentences' calibrated rewards, each optionally
+less the mean reward of the prompt's candidate sentences (``reward_baseline``). Pairs
 are written in the conversational preference format TRL and OpenRLHF read, with
 the sampled token ids beside the text: training on them reproduces exactly the
 sequence the policy generated and the rewards were computed for (a response
@@ -26,7 +27,8 @@ class Response:
     r_i: float      # mean image relevance of its sentences
     node_id: int
     token_ids: list[int]  # the sampled ids, EOS included when the model generated it in a kept node
-    finish: str           # eos | max_sentences | context: why the response ended
+    finish: str           # eos | max_sentences | context | stop (ended by curation, trained with EOS)
+    sentences: int = 0
 
 
 @dataclass
@@ -55,12 +57,18 @@ class PreferencePair:
         }
 
 
-def complete_responses(tree: dict, length_normalize: bool) -> list[Response]:
-    """Every complete response of a tree (trees.jsonl record) with its cumulative calibrated reward."""
+def complete_responses(tree: dict, length_normalize: bool, reward_baseline: str = "none",
+                       stop_at_any_sentence: bool = False) -> list[Response]:
+    """Every complete response of a tree (trees.jsonl record) with its cumulative calibrated reward;
+    with ``stop_at_any_sentence`` also every response cut after one of its sentences (finish "stop")."""
     nodes = {node["id"]: node for node in tree["nodes"]}
+    baseline = 0.0
+    if reward_baseline == "prompt_mean":
+        sentences = [node["reward"] for node in tree["nodes"] if node["parent"] is not None]
+        baseline = sum(sentences) / len(sentences) if sentences else 0.0
     responses = []
     for node in tree["nodes"]:
-        if not node["final"] or node["parent"] is None:
+        if node["parent"] is None or not (node["final"] or stop_at_any_sentence and node["finish"] == "sentence"):
             continue
         path = []
         current: Optional[dict] = node
@@ -72,21 +80,29 @@ def complete_responses(tree: dict, length_normalize: bool) -> list[Response]:
         path.reverse()
         responses.append(Response(
             text="".join(n["text"] for n in path).strip(),
-            reward=path_score([n["reward"] for n in path], length_normalize),
+            reward=path_score([n["reward"] - baseline for n in path], length_normalize),
             r_i=sum(n["r_i"] for n in path) / len(path),
             node_id=node["id"],
             token_ids=[t for n in path for t in n["token_ids"]],
-            finish=node["finish"]))
+            finish=node["finish"] if node["final"] else "stop",
+            sentences=len(path)))
     return responses
 
 
 def curate_tree(tree: dict, cfg: CurationConfig) -> tuple[Optional[PreferencePair], str]:
     """(pair, "") or (None, why it was skipped)."""
-    responses = complete_responses(tree, cfg.length_normalize)
+    responses = complete_responses(tree, cfg.length_normalize, cfg.reward_baseline, cfg.stop_at_any_sentence)
     if len(responses) < 2:
         return None, "fewer than 2 complete responses"
     chosen = max(responses, key=lambda r: r.reward)
-    rejected = min(responses, key=lambda r: r.reward)
+    others = [r for r in responses if r.text != chosen.text]
+    if not others:
+        return None, "chosen and rejected texts are identical"
+    if cfg.rejected == "lowest_same_length":
+        # the nearest sentence count first: the pair then differs in what it says, not in how much
+        rejected = min(others, key=lambda r: (abs(r.sentences - chosen.sentences), r.reward))
+    else:
+        rejected = min(others, key=lambda r: r.reward)
     if chosen.text == rejected.text:
         return None, "chosen and rejected texts are identical"
     if chosen.reward - rejected.reward < cfg.min_margin:

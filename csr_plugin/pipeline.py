@@ -51,15 +51,17 @@ class _Timer:
 def _sample_stage(recipe: Recipe, t: int, folder: Path):
     import dataclasses
 
-    from csr_plugin.sampling import sample
+    from csr_plugin.run_logs import say
+    from csr_plugin.sampling import load_prompts, sample
 
     model = dataclasses.replace(recipe.model, path=iterate_path(recipe, t - 1))
     # a fresh draw per iteration, reproducible per (seed, iteration)
     search = dataclasses.replace(recipe.search, seed=recipe.search.seed + 1000 * t)
     stage_recipe = dataclasses.replace(recipe, model=model, search=search, output_dir=str(folder))
+    say(f"iteration {t}: sampling {len(load_prompts(recipe.data.prompts, recipe.data.limit)[0])} prompts ...")
     with _Timer(folder, "sample"):
-        summary = sample(stage_recipe)
-    log.info("iteration %d sampling: %s", t, summary)
+        summary = sample(stage_recipe, leave=False)
+    say(f"iteration {t}: {summary}")
     gc.collect()
     import torch
 
@@ -68,7 +70,8 @@ def _sample_stage(recipe: Recipe, t: int, folder: Path):
     return summary
 
 
-def _iteration_metrics(t: int, folder: Path, curation) -> dict:
+def _iteration_metrics(t: int, folder: Path, curation, recipe: Recipe) -> dict:
+    from csr_plugin.diagnostics import pair_diagnostics
     from csr_plugin.training.trainer import metrics_summary
 
     pairs = load_records(folder / "pairs.jsonl")
@@ -84,6 +87,7 @@ def _iteration_metrics(t: int, folder: Path, curation) -> dict:
         "chosen_reward": mean("chosen_reward"), "rejected_reward": mean("rejected_reward"),
         "reward_margin": (mean("chosen_reward") - mean("rejected_reward")) if pairs else None,
         "chosen_r_i": mean("chosen_r_i"), "rejected_r_i": mean("rejected_r_i"),
+        **pair_diagnostics(folder / "trees.jsonl", folder / "pairs.jsonl", recipe.data.truth, recipe.eval.vocabulary),
         **{f"dpo_{k}": v for k, v in metrics_summary(str(folder / "dpo" / "dpo_metrics.jsonl")).items()},
         **{f"seconds_{stage}": round(s, 2) for stage, s in times.items()},
     }
@@ -93,7 +97,9 @@ def _evaluate_iterate(recipe: Recipe, t: int, path: Path) -> dict:
     import dataclasses
 
     from csr_plugin.eval.evaluate import evaluate_cached
+    from csr_plugin.run_logs import say
 
+    say(f"iteration {t}: eval ..." if t else "iteration 0: eval of the starting model ...")
     result = evaluate_cached(dataclasses.replace(recipe.model, path=iterate_path(recipe, t)), recipe.eval, path)
     return {"iteration": t, "chair_s": result["chair_s"], "chair_i": result["chair_i"],
             "pope_f1": result["pope_f1"], "object_recall": result["object_recall"],
@@ -102,6 +108,7 @@ def _evaluate_iterate(recipe: Recipe, t: int, path: Path) -> dict:
 
 def run(config_path: str, overrides: list[str] | None = None, on_iteration=None) -> list[dict]:
     """All iterations; ``on_iteration(row)`` is called as each one finishes (the demo prints it)."""
+    from csr_plugin.run_logs import say, subprocess_log
     from csr_plugin.training.dpo_main import is_complete
     from csr_plugin.training.launch import run_dpo
 
@@ -120,19 +127,25 @@ def run(config_path: str, overrides: list[str] | None = None, on_iteration=None)
         dpo_dir = folder / "dpo"
         if not is_complete(dpo_dir):
             _sample_stage(recipe, t, folder)
+        else:
+            say(f"iteration {t}: already trained ({dpo_dir / 'final'}); sampling and DPO skipped")
         with _Timer(folder, "curate"):
             curation = curate_file(folder / "trees.jsonl", folder / "pairs.jsonl", recipe.curation)
-        log.info("iteration %d curation: %s", t, curation)
+        say(f"iteration {t}: {curation}")
         if not is_complete(dpo_dir):
             if curation.pairs < recipe.dpo.batch:
                 raise RuntimeError(f"iteration {t}: {curation.pairs} pairs is fewer than dpo.batch="
                                    f"{recipe.dpo.batch}; sample more prompts or lower dpo.batch.")
+            dpo_log = subprocess_log(out, f"dpo_iter{t}")   # None with --verbose: the ranks print here
+            say(f"iteration {t}: DPO on {curation.pairs} pairs (batch {recipe.dpo.batch}, {recipe.dpo.epochs} "
+                f"epoch{'s' if recipe.dpo.epochs != 1 else ''}) ..." + (f"  ranks' log: {dpo_log}" if dpo_log else ""))
             with _Timer(folder, "dpo"):
                 code = run_dpo(recipe, config_path, overrides, iterate_path(recipe, t - 1),
-                               str(folder / "pairs.jsonl"), str(dpo_dir))
+                               str(folder / "pairs.jsonl"), str(dpo_dir), log_file=dpo_log)
             if code != 0:
-                raise RuntimeError(f"iteration {t}: DPO exited with code {code}; rerun `csr run` to resume.")
-        row = _iteration_metrics(t, folder, curation)
+                raise RuntimeError(f"iteration {t}: DPO exited with code {code}"
+                                   + (f" (ranks' log: {dpo_log})" if dpo_log else "") + "; rerun `csr run` to resume.")
+        row = _iteration_metrics(t, folder, curation, recipe)
         if recipe.eval.prompts:
             hallucination.append(_evaluate_iterate(recipe, t, folder / "eval.json"))
             row.update({k: v for k, v in hallucination[-1].items() if k != "iteration"})
@@ -159,13 +172,21 @@ def plot_metrics(rows: list[dict], path: Path, hallucination: list[dict] | None 
 
     panels = [("pairs", ["pairs", "pairs_skipped"]), ("calibrated reward", ["chosen_reward", "rejected_reward"]),
               ("image relevance R_I", ["chosen_r_i", "rejected_r_i"]),
+              ("fluency (mean token log-prob)", ["diag_chosen_fluency", "diag_rejected_fluency"]),
               ("DPO (last step)", ["dpo_last_loss_mean", "dpo_last_acc_mean"])]
+    if any("diag_informative_pairs" in r for r in rows):  # the prompts' ground truth is known
+        panels.insert(4, ("pairs vs ground truth", ["diag_chosen_chair_i", "diag_rejected_chair_i",
+                                                    "diag_informative_pairs", "diag_clean_expansions"]))
     series = [rows] * len(panels)
     if hallucination:  # iterate 0 (the starting model) included
         panels.append(("hallucination", ["chair_s", "chair_i", "pope_f1"]))
         series.append(hallucination)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (title, keys), data in zip(axes, panels, series):
+    columns = 4
+    grid_rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(4 * columns, 3.2 * grid_rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, keys), data in zip(axes.flat, panels, series):
         iterations = [r["iteration"] for r in data]
         for key in keys:
             values = [r.get(key) for r in data]

@@ -97,15 +97,41 @@ def actor_recipe(recipe: Recipe) -> dict:
 
 def _connect(ray, address: Optional[str]) -> bool:
     """Join `address` or start a local cluster; True if Ray was started here (so it is ours to shut down)."""
+    from csr_plugin import run_logs
+
     if ray.is_initialized():
         return False
+    quiet = run_logs.is_quiet()
+    if quiet:   # Ray's own messages go to logs/csr.log; its errors still reach the terminal
+        run_logs.adopt_logger("ray")
     # log_to_driver off: model-loading chatter from every actor would bury the progress bar; the
-    # actors' logs stay in the Ray session folder (/tmp/ray/session_latest/logs).
+    # actors' logs stay in the Ray session folder (/tmp/ray/session_latest/logs), reported below.
     with warnings.catch_warnings():   # a tip about a future Ray default that does not concern CPU actors
         warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)
         ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+                 logging_level=logging.WARNING, configure_logging=not quiet)
+    _report_actor_logs()
     return True
+
+
+def _report_actor_logs() -> None:
+    """Where the actors' stdout and stderr are: Ray's session logs folder on this node (linked as
+    <output_dir>/logs/ray_session in quiet mode). Not known for a ray:// client connection."""
+    from csr_plugin import run_logs
+
+    try:
+        from ray._private import worker
+
+        logs = worker._global_node.get_logs_dir_path() if worker._global_node is not None else None
+    except Exception:  # noqa: BLE001 - a Ray internal: only the report is lost
+        logs = None
+    if not logs:
+        return
+    link = run_logs.link_folder("ray_session", logs)
+    if run_logs.is_quiet():
+        print(f"Ray actors' logs: {logs}" + (f" (linked as {link})" if link else ""), flush=True)
+    else:
+        log.info("Ray actors' logs: %s", logs)
 
 
 def _warn_if_cluster_too_small(ray, num_actors: int, use_gpu: bool) -> None:

@@ -258,7 +258,8 @@ def search_prompts(search: SentenceBeamSearch, engine, prompts: list[PromptRecor
     return [tree.to_json() for tree in trees], errors
 
 
-def sample(recipe: Recipe, engine=None, clip=None, progress: bool = True) -> SampleSummary:
+def sample(recipe: Recipe, engine=None, clip=None, progress: bool = True, leave: bool = True) -> SampleSummary:
+    """Search the prompts not done yet; ``progress``: a tqdm bar, ``leave``: keep it once done."""
     started = time.monotonic()
     summary = SampleSummary()
     with SampleOutputs(recipe, summary) as outputs:
@@ -267,7 +268,8 @@ def sample(recipe: Recipe, engine=None, clip=None, progress: bool = True) -> Sam
             clip = clip or build_clip(recipe)
             search = SentenceBeamSearch(engine, clip, recipe.search, recipe.reward, recipe.curation)
             logged: set[str] = set()
-            bar = tqdm(total=len(outputs.todo), desc="csr sample", unit="prompt", disable=not progress)
+            bar = tqdm(total=len(outputs.todo), desc="csr sample", unit="prompt", disable=not progress,
+                       leave=leave)
             for chunk in chunks(outputs.todo, recipe.search.batch_prompts):
                 outputs.add(*search_prompts(search, engine, chunk, logged))
                 bar.update(len(chunk))

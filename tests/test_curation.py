@@ -71,3 +71,48 @@ def test_pairs_carry_the_path_token_ids_and_why_each_response_ended(tmp_path):
     pair = json.loads((tmp_path / "pairs.jsonl").read_text())
     assert (pair["chosen_token_ids"], pair["rejected_token_ids"]) == ([1, 2], [1, 3])
     assert (pair["chosen_finish"], pair["rejected_finish"]) == ("eos", "max_sentences")
+
+
+# root -> G (30) -> H (5, final)        a grounded sentence, then a hallucinated one
+#      -> G2 (25, final)                a grounded sentence alone
+#      -> X (2) -> Y (3, final)         two weak sentences
+# 5 candidate sentences, mean reward (30 + 5 + 25 + 2 + 3) / 5 = 13
+CENTRED = _tree([_node(1, 0, "G.", 30.0), _node(2, 1, " H.", 5.0, True), _node(3, 0, "G2.", 25.0, True),
+                 _node(4, 0, "X.", 2.0), _node(5, 4, " Y.", 3.0, True)])
+
+
+def test_prompt_mean_baseline_stops_paying_for_below_average_sentences():
+    raw = {r.text: r.reward for r in complete_responses(CENTRED, length_normalize=False)}
+    assert raw == pytest.approx({"G. H.": 35.0, "G2.": 25.0, "X. Y.": 5.0})   # the sum pays for H
+    centred = {r.text: r.reward for r in complete_responses(CENTRED, False, "prompt_mean")}
+    assert centred == pytest.approx({"G. H.": 17 - 8, "G2.": 12.0, "X. Y.": -11 - 10})
+    pair, _ = curate_tree(CENTRED, CurationConfig(length_normalize=False, reward_baseline="prompt_mean"))
+    assert (pair.chosen.text, pair.rejected.text) == ("G2.", "X. Y.")
+
+
+def test_stopping_after_any_sentence_is_a_scored_choice():
+    cfg = CurationConfig(length_normalize=False, reward_baseline="prompt_mean", stop_at_any_sentence=True)
+    responses = {r.text: (r.reward, r.finish, r.sentences) for r in complete_responses(
+        CENTRED, False, "prompt_mean", stop_at_any_sentence=True)}
+    assert responses["G."] == pytest.approx((17.0, "stop", 1)) and responses["G. H."][1:] == ("eos", 2)
+    pair, _ = curate_tree(CENTRED, cfg)
+    assert pair.chosen.text == "G." and pair.chosen.finish == "stop" and pair.chosen.token_ids == [1]
+    assert pair.to_json()["chosen_finish"] == "stop"   # not a limit: DPO trains it with EOS
+
+
+def test_rejected_of_the_same_length_as_chosen():
+    cfg = dict(length_normalize=False, reward_baseline="prompt_mean", stop_at_any_sentence=True)
+    pair, _ = curate_tree(CENTRED, CurationConfig(**cfg))
+    assert (pair.chosen.text, pair.rejected.text) == ("G.", "X. Y.")    # -21: the lowest, one sentence longer
+    pair, _ = curate_tree(CENTRED, CurationConfig(**cfg, rejected="lowest_same_length"))
+    assert (pair.chosen.text, pair.rejected.text) == ("G.", "X.")       # -11: the lowest of one sentence
+    no_match = _tree([_node(1, 0, "A.", 9.0, True), _node(2, 0, "B.", 1.0), _node(3, 2, " C.", 1.0, True)])
+    pair, _ = curate_tree(no_match, CurationConfig(rejected="lowest_same_length"))
+    assert pair.rejected.text == "B. C."                                # no other 1-sentence response: the nearest
+
+
+def test_a_baseline_under_the_mean_is_refused():
+    from csr_plugin.config import ConfigError
+
+    with pytest.raises(ConfigError, match="length_normalize: false"):
+        CurationConfig(length_normalize=True, reward_baseline="prompt_mean").validate("curation")

@@ -116,6 +116,30 @@ def test_a_blank_eos_child_gets_the_end_of_turn_id(families, tmp_path):
     assert item["rejected_ids"] == other
 
 
+def test_a_response_curation_stopped_gets_the_end_of_turn_id(families, tmp_path):
+    """With curation.stop_at_any_sentence a response may end after a sentence the model went on from:
+    it is trained as a decision to stop there (end of turn appended), unlike a limit cut."""
+    processor = load_processor(str(families["qwen2_vl"]))
+    tokenizer = processor.tokenizer
+    first = tokenizer(" There is a red circle.", add_special_tokens=False)["input_ids"]
+    second = tokenizer(" There is a blue square.", add_special_tokens=False)["input_ids"]
+    root = {"id": 0, "parent": None, "text": "", "token_ids": [], "logprobs": [], "r_t": 0.0, "r_i": 0.0,
+            "reward": 0.0, "final": False, "finish": ""}
+    nodes = [root, _node(1, 0, first, tokenizer, "sentence", False, 30.0),        # grounded, continued
+             _node(2, 1, second, tokenizer, "max_sentences", True, 1.0),       # then a hallucination
+             _node(3, 0, second, tokenizer, "max_sentences", True, 2.0)]
+    (tmp_path / "trees.jsonl").write_text(json.dumps({"id": "t", "image": str(tmp_path / "x.png"),
+                                                      "prompt": "Describe.", "nodes": nodes}) + "\n")
+    cfg = CurationConfig(length_normalize=False, reward_baseline="prompt_mean", stop_at_any_sentence=True)
+    curate_file(tmp_path / "trees.jsonl", tmp_path / "p.jsonl", cfg)
+    pair = json.loads((tmp_path / "p.jsonl").read_text())
+    assert (pair["chosen_finish"], pair["chosen_token_ids"]) == ("stop", first)
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    item = MultimodalPreferenceDataset(str(tmp_path / "p.jsonl"), processor, 512)[0]
+    assert item["chosen_ids"] == first + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert item["rejected_ids"] == second                    # max_sentences: no end of turn
+
+
 def test_dpo_log_probs_of_sampled_pairs_are_the_samplers(families, tmp_path):
     """Real sampling on the SentencePiece model: the ids DPO trains on get, under a plain forward, exactly
     the log-probs the search recorded and scored (fp32, 1e-4)."""

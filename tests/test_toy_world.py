@@ -76,6 +76,14 @@ def test_quick_demo_runs_the_real_pipeline_and_reports_hallucination(quick_demo)
         assert all(0.0 <= row[k] <= 1.0 for k in ("chair_s", "chair_i", "pope_f1"))
     assert "CHAIR_i" in stdout and (out / "metrics.png").exists()
     assert (out / "iter_1" / "dpo" / "final" / ".complete").exists()
+    # the pair diagnostics, with the ground truth the toy world knows for the sampled prompts
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0.0 <= row["diag_informative_pairs"] <= 1.0 and row["diag_truth_coverage"] == 1.0
+    assert row["diag_chosen_chair_i"] <= row["diag_rejected_chair_i"]
+    assert "informative" in stdout
+    # quiet by default: stage lines and the table on the terminal, the rest in <output>/logs/
+    assert len(stdout.splitlines()) < 40, stdout
+    assert (out / "logs" / "csr.log").exists() and (out / "logs" / "dpo_iter1.log").exists()
 
 
 def test_pretrained_toy_vlm_sees_far_better_than_chance(quick_demo):
@@ -85,3 +93,26 @@ def test_pretrained_toy_vlm_sees_far_better_than_chance(quick_demo):
     base = json.loads((out / "eval_base.json").read_text())
     assert base["object_recall"] > 0.55
     assert base["chair_i"] < 0.6
+
+
+def test_toy_clip_targets_put_the_object_first():
+    """Soft contrastive targets: the right kind with wrong attributes fits partly, an absent kind not at
+    all, whatever its colour and place; the contrast texts cover both cases and object-less text."""
+    import random
+
+    from csr_plugin.toy.train_models import (FIT_EXACT, FIT_KIND_ONLY, FIT_ONE_ATTRIBUTE_WRONG, contrast_texts,
+                                             sentence_fit)
+
+    scene = world.Scene("s", [world.Shape("circle", "red", "top left"), world.Shape("ring", "blue", "bottom right")])
+    assert sentence_fit("There is a red circle at the top left.", scene) == FIT_EXACT
+    assert sentence_fit("There is a green circle at the top left.", scene) == FIT_ONE_ATTRIBUTE_WRONG
+    assert sentence_fit("There is a red circle at the bottom right.", scene) == FIT_ONE_ATTRIBUTE_WRONG
+    assert sentence_fit("There is a green circle at the top right.", scene) == FIT_KIND_ONLY
+    assert sentence_fit("There is a red square at the top left.", scene) == 0.0     # absent kind, right place
+    assert sentence_fit("There is a red at the top left.", scene) == 0.0
+    rng = random.Random(0)
+    for _ in range(20):
+        hallucinated, other_attributes, empty = contrast_texts(scene, rng)
+        assert sentence_fit(hallucinated, scene) == 0.0
+        assert sentence_fit(other_attributes, scene) in (FIT_ONE_ATTRIBUTE_WRONG, FIT_KIND_ONLY)
+        assert not any(kind in empty for kind in world.KINDS)

@@ -22,7 +22,7 @@ SIZES = {"full": {"sft": 4000, "csr": 256, "eval": 150, "clip_steps": 600, "vlm_
 
 def prepare_toy(root: str | Path, seed: int, size: str = "full") -> Path:
     """World splits and trained tiny models under ``root/seed<N>[-quick]``; each piece built once."""
-    from csr_plugin.toy.train_models import train_clip, train_vlm
+    from csr_plugin.toy.train_models import CLIP_RECIPE, train_clip, train_vlm
 
     sizes = SIZES[size]
     folder = Path(root) / (f"seed{seed}" if size == "full" else f"seed{seed}-{size}")
@@ -32,8 +32,11 @@ def prepare_toy(root: str | Path, seed: int, size: str = "full") -> Path:
         if not (folder / split / "truth.jsonl").exists():
             world.write_split(scenes[split], folder / split, seed)
     world.vocabulary_json(folder / "objects.json")
-    if not (folder / "clip" / "toy-clip.pt").exists():
+    # a cache built by an older recipe of the toy CLIP is rebuilt, not silently reused
+    marker = folder / "clip" / "recipe.txt"
+    if not (folder / "clip" / "toy-clip.pt").exists() or not marker.exists() or marker.read_text() != CLIP_RECIPE:
         train_clip(scenes["sft"], folder / "clip", sizes["clip_steps"], seed)
+        marker.write_text(CLIP_RECIPE)
     if not (folder / "vlm" / "model.safetensors").exists():
         train_vlm(scenes["sft"], folder / "vlm", sizes["vlm_steps"], seed)
     return folder
@@ -42,19 +45,27 @@ def prepare_toy(root: str | Path, seed: int, size: str = "full") -> Path:
 def toy_overrides(folder: Path, output: str, iterations: int, lambda_: float) -> list[str]:
     return [f"model.path={folder / 'vlm'}", f"clip.config={folder / 'clip' / 'toy-clip.json'}",
             f"clip.pretrained={folder / 'clip' / 'toy-clip.pt'}", f"data.prompts={folder / 'csr' / 'prompts.jsonl'}",
+            f"data.truth={folder / 'csr' / 'truth.jsonl'}",
             f"eval.prompts={folder / 'eval' / 'prompts.jsonl'}", f"eval.truth={folder / 'eval' / 'truth.jsonl'}",
             f"eval.vocabulary={folder / 'objects.json'}", f"output_dir={output}",
             f"loop.iterations={iterations}", f"reward.lambda={lambda_}"]
 
 
 def _print_row(row: dict) -> None:
+    """Hallucination of the iterate, then what its training pairs looked like (iteration >= 1)."""
     fmt = lambda key, spec: format(row[key], spec) if isinstance(row.get(key), (int, float)) else "-"  # noqa: E731
     if row["iteration"] == 0:
-        print(f"\n{'iter':>4} {'CHAIR_s':>8} {'CHAIR_i':>8} {'POPE F1':>8} {'recall':>7} "
-              f"{'R_I chosen':>10} {'R_I rejected':>12} {'margin':>7}")
+        print(f"\n{'':4} {'evaluation of the iterate':^38} | {'the pairs it was trained on':^40}\n"
+              f"{'iter':>4} {'CHAIR_s':>8} {'CHAIR_i':>8} {'POPE F1':>8} {'recall':>7} | {'informative':>11} "
+              f"{'CHAIR_i +/-':>12} {'R_I +/-':>11} {'fluency +/-':>12}")
+    pairs = ""
+    if row["iteration"] > 0:
+        pairs = (f"{fmt('diag_informative_pairs', '11.0%')} "
+                 f"{fmt('diag_chosen_chair_i', '6.2f')}/{fmt('diag_rejected_chair_i', '<5.2f')} "
+                 f"{fmt('chosen_r_i', '5.1f')}/{fmt('rejected_r_i', '<5.1f')} "
+                 f"{fmt('diag_chosen_fluency', '6.2f')}/{fmt('diag_rejected_fluency', '<5.2f')}")
     print(f"{row['iteration']:>4} {fmt('chair_s', '8.3f')} {fmt('chair_i', '8.3f')} {fmt('pope_f1', '8.3f')} "
-          f"{fmt('object_recall', '7.3f')} {fmt('chosen_r_i', '10.2f')} {fmt('rejected_r_i', '12.2f')} "
-          f"{fmt('reward_margin', '7.2f')}", flush=True)
+          f"{fmt('object_recall', '7.3f')} | {pairs}", flush=True)
 
 
 def run_demo(output: str, seed: int, iterations: int, lambda_: float, recipe: str = "recipes/toy.yaml",

@@ -20,6 +20,7 @@ from csr_plugin.toy import world
 from csr_plugin.toy.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
 
 CLIP_NAME = "toy-clip"
+CLIP_RECIPE = "object-centric soft targets, contrast texts (2026-11-25)"  # change it to rebuild cached CLIPs
 
 
 def clip_config() -> dict:
@@ -29,8 +30,57 @@ def clip_config() -> dict:
             "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 96, "heads": 3, "layers": 3}}
 
 
+# How well a sentence fits an image, as the contrastive targets weigh it. CLIP models trained on web
+# captions are noun-centric: they tell which objects are shown far better than which colour or place
+# each has. CHAIR measures objects too, so the toy CLIP is taught the same priority: the right kind
+# with a wrong attribute still fits partly, a kind that is absent does not fit at all.
+FIT_EXACT, FIT_ONE_ATTRIBUTE_WRONG, FIT_KIND_ONLY = 1.0, 0.6, 0.3
+
+
+def _parse(sentence: str) -> tuple:
+    """(kind, colour, quadrant) named by a sentence of the world's grammar; None where absent."""
+    words = sentence.rstrip(".").split()
+    kind = next((w for w in words if w in world.KINDS), None)
+    colour = next((w for w in words if w in world.COLOURS), None)
+    quadrant = next((q for q in world.QUADRANTS if sentence.endswith(f"at the {q}.")), None)
+    return kind, colour, quadrant
+
+
+def _fit(parsed: tuple, scene: world.Scene) -> float:
+    kind, colour, quadrant = parsed
+    best = 0.0
+    for shape in scene.shapes:
+        if shape.kind == kind:
+            wrong = (colour != shape.colour) + (quadrant != shape.quadrant)
+            best = max(best, (FIT_EXACT, FIT_ONE_ATTRIBUTE_WRONG, FIT_KIND_ONLY)[wrong])
+    return best
+
+
+def sentence_fit(sentence: str, scene: world.Scene) -> float:
+    return _fit(_parse(sentence), scene)
+
+
+def contrast_texts(scene: world.Scene, rng: random.Random) -> list[str]:
+    """Texts shown beside the true sentences for ``scene``: a hallucination that differs from a true
+    sentence in its kind only, the true kind with other attributes, and a sentence naming no object.
+
+    Plain in-batch contrast never shows CLIP such text, so an untrained direction decides its score:
+    a garbled sampled sentence such as "There is a at the top left." scored above the true ones and
+    the search chose it, and colour, the easiest cue, outweighed the object.
+    """
+    shape = rng.choice(scene.shapes)
+    absent = rng.choice([k for k in world.KINDS if k not in scene.objects])
+    other_colour = rng.choice([c for c in world.COLOURS if c != shape.colour])
+    other_place = rng.choice([q for q in world.QUADRANTS if q != shape.quadrant])
+    return [world.Shape(absent, shape.colour, shape.quadrant).sentence(),
+            world.Shape(shape.kind, other_colour, rng.choice([shape.quadrant, other_place])).sentence(),
+            rng.choice([f"There is a {shape.colour} at the {shape.quadrant}.", f"There is a {shape.quadrant}.",
+                        f"There is a {shape.colour} {shape.colour} at the {shape.quadrant}.",
+                        f"There is a at the {shape.quadrant}."])]
+
+
 def train_clip(scenes: list[world.Scene], out_dir: Path, steps: int, seed: int, batch: int = 64) -> tuple[Path, Path]:
-    """Contrastive training on (image, one of its sentences) pairs."""
+    """Contrastive training with soft targets: each image against its sentences and contrast texts."""
     import open_clip
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -47,14 +97,17 @@ def train_clip(scenes: list[world.Scene], out_dir: Path, steps: int, seed: int, 
     model.train()
     for _ in tqdm(range(steps), desc="toy CLIP", unit="step"):
         index = rng.sample(range(len(scenes)), batch)
-        sentences = [rng.choice(scenes[i].caption_sentences()) for i in index]
+        texts = [rng.choice(scenes[i].caption_sentences()) for i in index]
+        texts += [text for i in index for text in contrast_texts(scenes[i], rng)]
         image_emb = model.encode_image(images[index], normalize=True)
-        text_emb = model.encode_text(tokenizer(sentences), normalize=True)
+        text_emb = model.encode_text(tokenizer(texts), normalize=True)
         logits = model.logit_scale.exp() * image_emb @ text_emb.T          # [image, text]
-        # a sentence can fit several images of a batch: soft targets over everything it fits
-        fits = torch.tensor([[float(t in scenes[j].caption_sentences()) for t in sentences] for j in index])
+        parsed = [_parse(t) for t in texts]
+        fits = torch.tensor([[_fit(p, scenes[j]) for p in parsed] for j in index])
+        # image -> text over every text; text -> image for the texts that fit some image of the batch
+        fitting = fits.sum(0) > 0
         loss = (F.cross_entropy(logits, fits / fits.sum(1, keepdim=True))
-                + F.cross_entropy(logits.T, fits.T / fits.T.sum(1, keepdim=True))) / 2
+                + F.cross_entropy(logits.T[fitting], (fits.T / fits.T.sum(1, keepdim=True).clamp_min(1e-9))[fitting])) / 2
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -120,7 +173,7 @@ def train_vlm(scenes: list[world.Scene], out_dir: Path, steps: int, seed: int, b
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / 50) * 0.5 * (1 + math.cos(math.pi * i / steps)))
     model.train()
-    for _ in tqdm(range(steps), desc="toy VLM (SFT)", unit="step"):
+    for _ in tqdm(range(steps), desc="toy VLM (SFT)", unit="step", leave=False):
         chosen = [examples[k] for k in rng.sample(range(len(examples)), batch)]
         seqs = [(list(prompt_ids[q]), answer_ids[a]) for _, q, a in chosen]
         width = max(len(p) + len(a) for p, a in seqs)

@@ -14,8 +14,10 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from csr_plugin.config import Recipe
+from csr_plugin.run_logs import run_logged
 
 
 def inside_distributed_launch() -> bool:
@@ -45,8 +47,13 @@ def worker_command(recipe: Recipe, config_path: str, overrides: list[str], model
             "-m", "csr_plugin.training.dpo_main", *worker]
 
 
-def run_dpo(recipe: Recipe, config_path: str, overrides: list[str], model: str, pairs: str, out_dir: str) -> int:
-    """Train, in this process if it is already a rank, else by launching the ranks; returns the exit code."""
+def run_dpo(recipe: Recipe, config_path: str, overrides: list[str], model: str, pairs: str, out_dir: str,
+            log_file: str | Path | None = None) -> int:
+    """Train, in this process if it is already a rank, else by launching the ranks; returns the exit code.
+
+    ``log_file``: the launcher's and every rank's stdout and stderr are appended there instead of the
+    terminal (quiet mode); if DPO fails its last lines and path are printed.
+    """
     if inside_distributed_launch():
         from csr_plugin.training.dpo_main import train_dpo
 
@@ -54,4 +61,7 @@ def run_dpo(recipe: Recipe, config_path: str, overrides: list[str], model: str, 
         return 0
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // recipe.dpo.nproc)))
-    return subprocess.run(worker_command(recipe, config_path, overrides, model, pairs, out_dir), env=env).returncode
+    command = worker_command(recipe, config_path, overrides, model, pairs, out_dir)
+    if log_file is not None:
+        return run_logged(command, log_file, env, what="DPO")
+    return subprocess.run(command, env=env).returncode

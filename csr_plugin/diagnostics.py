@@ -1,0 +1,150 @@
+"""Pair diagnostics: why a CSR iteration's pairs should (or should not) be trusted.
+
+Without ground truth (any recipe) they describe the search and the pairs:
+
+- ``r_i_spread`` / ``r_t_spread``: mean over expansions of max - min of R_I / R_T among the
+  sibling candidates of one beam. No R_I spread means CLIP cannot tell the candidates apart.
+- ``best_r_i_not_best_r_t``: share of expansions whose best-R_I candidate is not the best-R_T
+  one, i.e. how often calibration changes the choice the model's own score would make.
+- chosen / rejected length (sentences, tokens) and fluency (mean token log-prob): a pair
+  that differs mostly in fluency or length teaches fluency or length, not grounding.
+- ``margin_p10/p50/p90``: the calibrated reward margin's spread over the pairs.
+
+With a truth file (``{id, objects}``) and an object vocabulary they also say what the pairs
+teach about hallucination: CHAIR_i of the chosen and of the rejected responses, the share
+of clean chosen responses, the share of *informative* pairs (chosen clean, rejected
+hallucinating), the share of expansions that had at least one *clean* candidate (a sentence
+naming objects, all of them present), and mean R_I of grounded vs hallucinated sentences.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+from csr_plugin.eval.objects import ObjectVocabulary
+from csr_plugin.jsonl import load_records
+
+
+def _quantile(values: list[float], q: float) -> Optional[float]:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def _mean(values) -> Optional[float]:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def _responses(tree: dict) -> dict[tuple, tuple[float, int]]:
+    """Token ids of the response ending at each node -> (mean token log-prob, sentences)."""
+    nodes = {n["id"]: n for n in tree["nodes"]}
+    out = {}
+    for node in tree["nodes"]:
+        ids, logprobs, sentences, current = [], [], 0, node
+        while current["parent"] is not None:
+            ids[:0], logprobs[:0] = current["token_ids"], current["logprobs"]
+            sentences += 1
+            current = nodes[current["parent"]]
+        if sentences:
+            out[tuple(ids)] = (sum(logprobs) / max(len(logprobs), 1), sentences)
+    return out
+
+
+def pair_diagnostics(trees_path: str | Path, pairs_path: str | Path, truth_path: str = "",
+                     vocabulary_path: str = "") -> dict:
+    """Diagnostics of one iteration; ground-truth ones only when both files are given and cover the ids."""
+    trees = {t["id"]: t for t in load_records(trees_path)}
+    pairs = load_records(pairs_path)
+    truth, vocab = {}, None
+    if truth_path and vocabulary_path and Path(truth_path).is_file() and Path(vocabulary_path).is_file():
+        truth = {str(r["id"]): set(r["objects"]) for r in load_records(truth_path) if "objects" in r}
+        vocab = ObjectVocabulary.from_json(vocabulary_path)
+
+    r_i_spread, r_t_spread, disagree = [], [], []
+    clean_expansion, grounded_r_i, hallucinated_r_i, no_object_r_i = [], [], [], []
+    for tree in trees.values():
+        objects = truth.get(str(tree["id"]))
+        siblings: dict[int, list[dict]] = {}
+        for node in tree["nodes"]:
+            if node["parent"] is not None:
+                siblings.setdefault(node["parent"], []).append(node)
+            if objects is not None and node["parent"] is not None:
+                mentioned = set(vocab.mentions(node["text"]))
+                bucket = (no_object_r_i if not mentioned else
+                          grounded_r_i if mentioned <= objects else hallucinated_r_i)
+                bucket.append(node["r_i"])
+        for group in siblings.values():
+            if len(group) < 2:
+                continue
+            r_i_spread.append(max(n["r_i"] for n in group) - min(n["r_i"] for n in group))
+            r_t_spread.append(max(n["r_t"] for n in group) - min(n["r_t"] for n in group))
+            disagree.append(max(group, key=lambda n: n["r_i"]) is not max(group, key=lambda n: n["r_t"]))
+            if objects is not None:
+                clean_expansion.append(any(
+                    (m := set(vocab.mentions(n["text"]))) and m <= objects for n in group))
+
+    sides = {"chosen": [], "rejected": []}
+    responses = {}
+    for pair in pairs:
+        tree = trees.get(pair["id"])
+        if tree is not None and pair["id"] not in responses:
+            responses[pair["id"]] = _responses(tree)
+        for side in sides:
+            ids = pair.get(f"{side}_token_ids")
+            found = responses.get(pair["id"], {}).get(tuple(ids)) if ids is not None else None
+            sides[side].append({"text": pair[side][0]["content"][0]["text"],
+                                "tokens": len(ids) if ids is not None else None,
+                                "fluency": found[0] if found else None, "sentences": found[1] if found else None})
+
+    margins = [p["chosen_reward"] - p["rejected_reward"] for p in pairs]
+    out = {
+        "diag_r_i_spread": _mean(r_i_spread), "diag_r_t_spread": _mean(r_t_spread),
+        "diag_best_r_i_not_best_r_t": _mean(map(float, disagree)),
+        "diag_margin_p10": _quantile(margins, 0.1), "diag_margin_p50": _quantile(margins, 0.5),
+        "diag_margin_p90": _quantile(margins, 0.9),
+    }
+    for side, rows in sides.items():
+        out[f"diag_{side}_tokens"] = _mean(r["tokens"] for r in rows if r["tokens"] is not None)
+        out[f"diag_{side}_sentences"] = _mean(r["sentences"] for r in rows if r["sentences"] is not None)
+        out[f"diag_{side}_fluency"] = _mean(r["fluency"] for r in rows if r["fluency"] is not None)
+    known = [i for i, p in enumerate(pairs) if str(p["id"]) in truth]
+    if vocab is not None and known:
+        verdicts = {}
+        for side, rows in sides.items():
+            mentions = hallucinated = 0
+            clean = []
+            for i in known:
+                mentioned = vocab.mentions(rows[i]["text"])
+                wrong = [m for m in mentioned if m not in truth[str(pairs[i]["id"])]]
+                mentions, hallucinated = mentions + len(mentioned), hallucinated + len(wrong)
+                clean.append(not wrong)
+            verdicts[side] = clean
+            out[f"diag_{side}_chair_i"] = hallucinated / mentions if mentions else 0.0
+            out[f"diag_{side}_clean"] = _mean(map(float, clean))
+        out["diag_informative_pairs"] = _mean(
+            float(c and not r) for c, r in zip(verdicts["chosen"], verdicts["rejected"]))
+        out["diag_clean_expansions"] = _mean(map(float, clean_expansion))
+        out["diag_r_i_grounded"] = _mean(grounded_r_i)
+        out["diag_r_i_hallucinated"] = _mean(hallucinated_r_i)
+        out["diag_r_i_no_object"] = _mean(no_object_r_i)
+        out["diag_truth_coverage"] = len(known) / len(pairs)
+    return out
+
+
+def describe(diag: dict) -> str:
+    """The few diagnostics a person reads first, on one line."""
+    def f(key, spec=".2f"):
+        value = diag.get(key)
+        return "-" if value is None else format(value, spec)
+
+    line = (f"R_I spread {f('diag_r_i_spread', '.1f')}, best R_I != best R_T {f('diag_best_r_i_not_best_r_t', '.0%')}, "
+            f"fluency chosen/rejected {f('diag_chosen_fluency')}/{f('diag_rejected_fluency')}")
+    if "diag_informative_pairs" in diag:
+        line += (f"; CHAIR_i chosen/rejected {f('diag_chosen_chair_i')}/{f('diag_rejected_chair_i')}, "
+                 f"informative pairs {f('diag_informative_pairs', '.0%')}, "
+                 f"clean expansions {f('diag_clean_expansions', '.0%')}")
+    return line
+

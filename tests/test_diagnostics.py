@@ -1,0 +1,66 @@
+"""Pair diagnostics on a hand-made tree whose every figure is worked out below."""
+import json
+
+import pytest
+
+from csr_plugin.diagnostics import describe, pair_diagnostics
+
+
+def _node(id_, parent, text, ids, logprobs, r_t, r_i, final=True):
+    return {"id": id_, "parent": parent, "text": text, "token_ids": ids, "logprobs": logprobs, "r_t": r_t,
+            "r_i": r_i, "reward": 0.9 * r_i + 0.1 * r_t, "final": final, "finish": "eos" if final else "sentence"}
+
+
+def _pair(id_, chosen, rejected):
+    side = lambda n: [{"role": "assistant", "content": [{"type": "text", "text": n["text"].strip()}]}]  # noqa: E731
+    return {"id": id_, "images": ["x.png"], "prompt": [], "chosen": side(chosen), "rejected": side(rejected),
+            "chosen_reward": chosen["reward"], "rejected_reward": rejected["reward"],
+            "chosen_token_ids": chosen["token_ids"], "rejected_token_ids": rejected["token_ids"]}
+
+
+@pytest.fixture
+def files(tmp_path):
+    root = _node(0, None, "", [], [], 0.0, 0.0, final=False)
+    grounded = _node(1, 0, " There is a red circle at the top left.", [1, 2], [-0.1, -0.3], -0.2, 30.0)
+    hallucinated = _node(2, 0, " There is a blue square at the top left.", [1, 3], [-0.1, -0.1], -0.1, 5.0)
+    empty = _node(3, 0, " There is a at the top.", [4], [-2.0], -2.0, 10.0)
+    tree = {"id": "a", "image": "x.png", "prompt": "Describe.", "nodes": [root, grounded, hallucinated, empty]}
+    (tmp_path / "trees.jsonl").write_text(json.dumps(tree) + "\n")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(_pair("a", grounded, hallucinated)) + "\n")
+    (tmp_path / "truth.jsonl").write_text(json.dumps({"id": "a", "objects": ["circle"]}) + "\n")
+    (tmp_path / "vocab.json").write_text(json.dumps({"objects": {"circle": [], "square": ["box"]}}))
+    return tmp_path
+
+
+def test_search_and_pair_figures_without_truth(files):
+    d = pair_diagnostics(files / "trees.jsonl", files / "pairs.jsonl")
+    assert d["diag_r_i_spread"] == pytest.approx(30.0 - 5.0)
+    assert d["diag_r_t_spread"] == pytest.approx(-0.1 - -2.0)
+    assert d["diag_best_r_i_not_best_r_t"] == 1.0          # CLIP picks node 1, the model's own score node 2
+    assert d["diag_chosen_fluency"] == pytest.approx(-0.2)  # mean of -0.1, -0.3
+    assert d["diag_rejected_fluency"] == pytest.approx(-0.1)
+    assert d["diag_chosen_sentences"] == 1 and d["diag_chosen_tokens"] == 2
+    assert d["diag_margin_p50"] == pytest.approx((0.9 * 30 - 0.02) - (0.9 * 5 - 0.01))
+    assert "diag_informative_pairs" not in d
+    assert "CHAIR_i" not in describe(d)
+
+
+def test_ground_truth_figures(files):
+    d = pair_diagnostics(files / "trees.jsonl", files / "pairs.jsonl", str(files / "truth.jsonl"),
+                         str(files / "vocab.json"))
+    assert d["diag_chosen_chair_i"] == 0.0 and d["diag_rejected_chair_i"] == 1.0
+    assert d["diag_chosen_clean"] == 1.0 and d["diag_rejected_clean"] == 0.0
+    assert d["diag_informative_pairs"] == 1.0
+    assert d["diag_clean_expansions"] == 1.0               # node 1 names only present objects
+    assert (d["diag_r_i_grounded"], d["diag_r_i_hallucinated"], d["diag_r_i_no_object"]) == (30.0, 5.0, 10.0)
+    assert "informative pairs 100%" in describe(d)
+
+
+def test_a_pair_teaching_the_wrong_way_is_visible(files):
+    trees = json.loads((files / "trees.jsonl").read_text())
+    grounded, hallucinated = trees["nodes"][1], trees["nodes"][2]
+    (files / "pairs.jsonl").write_text(json.dumps(_pair("a", hallucinated, grounded)) + "\n")
+    d = pair_diagnostics(files / "trees.jsonl", files / "pairs.jsonl", str(files / "truth.jsonl"),
+                         str(files / "vocab.json"))
+    assert d["diag_chosen_chair_i"] == 1.0 and d["diag_informative_pairs"] == 0.0
+    assert d["diag_clean_expansions"] == 1.0   # a clean candidate existed: the choice, not the search, failed

@@ -8,6 +8,7 @@ the value received and the fix, before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -348,6 +349,9 @@ _KEY_TO_FIELD = {"lambda": "lambda_"}
 _FIELD_TO_KEY = {v: k for k, v in _KEY_TO_FIELD.items()}
 
 
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -373,6 +377,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"`{where}` must be an integer, got {value!r}.")
         return value
     if annotation is float:
+        # YAML 1.1 (PyYAML) reads 3e-4 or 1E5 without a dot as a string: take what people type
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"`{where}` must be a number, got {value!r}.")
         return float(value)

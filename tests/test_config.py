@@ -81,3 +81,14 @@ def test_round_trip_uses_yaml_key_names():
 def test_missing_recipe_names_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="pass --config with a YAML file"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_numbers_with_exponents_read_as_typed(tmp_path):
+    """PyYAML (YAML 1.1) reads 3e-4 as a string; a recipe or override written that way is a number."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  path: m\ndpo:\n  lr: 5e-7\n")
+    assert load_recipe(recipe).dpo.lr == 5e-7
+    assert load_recipe(recipe, ["dpo.lr=3e-4"]).dpo.lr == 3e-4
+    assert load_recipe(recipe, ["dpo.beta=1E-1"]).dpo.beta == 0.1
+    with pytest.raises(ConfigError, match="must be a number"):
+        load_recipe(recipe, ["dpo.lr=3e-four"])

@@ -179,7 +179,7 @@ def plot_metrics(rows: list[dict], path: Path, hallucination: list[dict] | None 
                                                     "diag_informative_pairs", "diag_clean_expansions"]))
     series = [rows] * len(panels)
     if hallucination:  # iterate 0 (the starting model) included
-        panels.append(("hallucination", ["chair_s", "chair_i", "pope_f1"]))
+        panels.append(("hallucination", ["chair_s", "chair_i", "pope_f1", "object_recall"]))
         series.append(hallucination)
     columns = 4
     grid_rows = -(-len(panels) // columns)

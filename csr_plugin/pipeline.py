@@ -7,7 +7,8 @@ For t = 1..T: sample with iterate t-1 -> curate -> DPO with reference iterate t-
     iter_<t>/pairs.jsonl                 curation (atomic; recomputed from the trees)
     iter_<t>/dpo/final/                  the new iterate (``.complete`` once whole)
     iter_<t>/timing.jsonl                wall time of every stage attempt
-    metrics.jsonl, metrics.png           one row per finished iteration
+    metrics.jsonl, metrics.png           one row per finished iteration, pair diagnostics included
+    logs/                                warnings, library logs, the DPO ranks' output (quiet default)
     results.json                         hallucination per iterate, 0 = the starting model
                                          (with an ``eval`` section: CHAIR and POPE)
 

@@ -18,12 +18,15 @@ naming objects, all of them present), and mean R_I of grounded vs hallucinated s
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Optional
 
 from csr_plugin.eval.objects import ObjectVocabulary
 from csr_plugin.jsonl import load_records
+
+log = logging.getLogger(__name__)
 
 
 def _quantile(values: list[float], q: float) -> Optional[float]:
@@ -59,9 +62,15 @@ def pair_diagnostics(trees_path: str | Path, pairs_path: str | Path, truth_path:
     trees = {t["id"]: t for t in load_records(trees_path)}
     pairs = load_records(pairs_path)
     truth, vocab = {}, None
-    if truth_path and vocabulary_path and Path(truth_path).is_file() and Path(vocabulary_path).is_file():
-        truth = {str(r["id"]): set(r["objects"]) for r in load_records(truth_path) if "objects" in r}
-        vocab = ObjectVocabulary.from_json(vocabulary_path)
+    if truth_path:
+        missing = [f"{name} {path!r}" for name, path in (("data.truth", truth_path), ("eval.vocabulary",
+                   vocabulary_path)) if not path or not Path(path).is_file()]
+        if missing:   # the search-only figures still come; say why the others do not
+            log.warning("pair diagnostics without ground truth: %s not found (set both to a file)",
+                        " and ".join(missing))
+        else:
+            truth = {str(r["id"]): set(r["objects"]) for r in load_records(truth_path) if "objects" in r}
+            vocab = ObjectVocabulary.from_json(vocabulary_path)
 
     r_i_spread, r_t_spread, disagree = [], [], []
     clean_expansion, grounded_r_i, hallucinated_r_i, no_object_r_i = [], [], [], []

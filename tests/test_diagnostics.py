@@ -64,3 +64,11 @@ def test_a_pair_teaching_the_wrong_way_is_visible(files):
                          str(files / "vocab.json"))
     assert d["diag_chosen_chair_i"] == 1.0 and d["diag_informative_pairs"] == 0.0
     assert d["diag_clean_expansions"] == 1.0   # a clean candidate existed: the choice, not the search, failed
+
+
+def test_a_missing_truth_file_is_said_not_skipped_silently(files, caplog):
+    with caplog.at_level("WARNING", logger="csr_plugin.diagnostics"):
+        d = pair_diagnostics(files / "trees.jsonl", files / "pairs.jsonl", str(files / "nope.jsonl"),
+                             str(files / "vocab.json"))
+    assert "diag_informative_pairs" not in d and d["diag_r_i_spread"] == pytest.approx(25.0)
+    assert "data.truth" in caplog.text and "nope.jsonl" in caplog.text

@@ -138,7 +138,8 @@ def run(config_path: str, overrides: list[str] | None = None, on_iteration=None)
                 raise RuntimeError(f"iteration {t}: {curation.pairs} pairs is fewer than dpo.batch="
                                    f"{recipe.dpo.batch}; sample more prompts or lower dpo.batch.")
             dpo_log = subprocess_log(out, f"dpo_iter{t}")   # None with --verbose: the ranks print here
-            say(f"iteration {t}: DPO on {curation.pairs} pairs (batch {recipe.dpo.batch}, {recipe.dpo.epochs} "
+            resuming = " resuming from its last checkpoint," if (dpo_dir / "ds_ckpt" / "latest").exists() else ""
+            say(f"iteration {t}: DPO{resuming} on {curation.pairs} pairs (batch {recipe.dpo.batch}, {recipe.dpo.epochs} "
                 f"epoch{'s' if recipe.dpo.epochs != 1 else ''}) ..." + (f"  ranks' log: {dpo_log}" if dpo_log else ""))
             with _Timer(folder, "dpo"):
                 code = run_dpo(recipe, config_path, overrides, iterate_path(recipe, t - 1),

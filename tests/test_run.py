@@ -81,7 +81,8 @@ def test_killed_in_every_stage_then_resumed_equals_uninterrupted(run_recipe):
     proc = _csr_run(config)
     out = proc.communicate(timeout=900)[0]
     assert proc.returncode == 0, out[-3000:]
-    assert "resumed DPO from" in out
+    assert "DPO resuming from its last checkpoint" in out                        # the stage line says so
+    assert "resumed DPO from" in (broken / "logs" / "dpo_iter2.log").read_text()  # and the ranks did
 
     for t in (1, 2):
         trees = [json.loads(line)["id"] for line in (broken / f"iter_{t}" / "trees.jsonl").read_text().splitlines()]

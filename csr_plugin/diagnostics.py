@@ -77,13 +77,17 @@ def pair_diagnostics(trees_path: str | Path, pairs_path: str | Path, truth_path:
     for tree in trees.values():
         objects = truth.get(str(tree["id"]))
         siblings: dict[int, list[dict]] = {}
+        grounded: set[int] = set()   # ids of sentences naming objects, all of them present
         for node in tree["nodes"]:
-            if node["parent"] is not None:
-                siblings.setdefault(node["parent"], []).append(node)
-            if objects is not None and node["parent"] is not None:
+            if node["parent"] is None:
+                continue
+            siblings.setdefault(node["parent"], []).append(node)
+            if objects is not None:
                 mentioned = set(vocab.mentions(node["text"]))
+                if mentioned and mentioned <= objects:
+                    grounded.add(node["id"])
                 bucket = (no_object_r_i if not mentioned else
-                          grounded_r_i if mentioned <= objects else hallucinated_r_i)
+                          grounded_r_i if node["id"] in grounded else hallucinated_r_i)
                 bucket.append(node["r_i"])
         for group in siblings.values():
             if len(group) < 2:
@@ -92,8 +96,7 @@ def pair_diagnostics(trees_path: str | Path, pairs_path: str | Path, truth_path:
             r_t_spread.append(max(n["r_t"] for n in group) - min(n["r_t"] for n in group))
             disagree.append(max(group, key=lambda n: n["r_i"]) is not max(group, key=lambda n: n["r_t"]))
             if objects is not None:
-                clean_expansion.append(any(
-                    (m := set(vocab.mentions(n["text"]))) and m <= objects for n in group))
+                clean_expansion.append(any(n["id"] in grounded for n in group))
 
     sides = {"chosen": [], "rejected": []}
     responses = {}

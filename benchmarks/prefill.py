@@ -22,8 +22,8 @@ from PIL import Image
 
 from csr_plugin.config import ModelConfig, recipe_from_dict
 from csr_plugin.reward.clip_relevance import ClipRelevance
-from csr_plugin.sampler.search import PromptJob, SentenceBeamSearch
-from csr_plugin.sampler.transformers_engine import TransformersEngine, load_vlm
+from csr_plugin.sampling.search import PromptJob, SentenceBeamSearch
+from csr_plugin.sampling.transformers_engine import TransformersEngine, load_vlm
 from csr_plugin.toy.tiny_families import build_tiny_llava_geometry
 from csr_plugin.toy.tiny_models import build_tiny_clip
 

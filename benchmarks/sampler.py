@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from csr_plugin.config import recipe_from_dict
-from csr_plugin.sampler.engine import Expansion
-from csr_plugin.sampler.search import PromptJob, SentenceBeamSearch
-from csr_plugin.sampling import build_clip, build_engine, load_image, load_prompts
+from csr_plugin.sampling.engine import Expansion
+from csr_plugin.sampling.search import PromptJob, SentenceBeamSearch
+from csr_plugin.sampling.local import build_clip, build_engine
+from csr_plugin.sampling.prompts import load_image, load_prompts
 from csr_plugin.toy.quickstart import prepare_tiny_assets, write_prompts
 
 

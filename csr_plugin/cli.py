@@ -10,7 +10,7 @@ from csr_plugin.config import ConfigError, load_recipe
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from csr_plugin.sampling import sample
+    from csr_plugin.sampling.local import sample
 
     if args.actors < 1:
         raise ConfigError(f"--actors must be >= 1, got {args.actors}.")
@@ -19,7 +19,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config, args.overrides)
     _route_logs(recipe.output_dir)
     if args.ray:
-        from csr_plugin.ray_sampling import sample_on_ray
+        from csr_plugin.sampling.ray_driver import sample_on_ray
 
         summary = sample_on_ray(recipe, args.actors, args.ray_address, progress=not args.quiet,
                                 openrlhf_engines=args.openrlhf)
@@ -80,7 +80,8 @@ def _cmd_serve_reward(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config, args.overrides)
     ready = lambda server: print(f"CSR reward server on http://{server.host}:{server.port}/get_reward "  # noqa: E731
                                  "(OpenRLHF: --reward.remote_url that URL)", flush=True)
-    serve(recipe, args.host, args.port, args.max_batch, args.max_queue, args.timeout, ready=ready)
+    serve(recipe, args.host, args.port, args.max_batch, args.max_queue, args.timeout, args.max_request_bytes,
+          args.image_root, ready=ready)
     return 0
 
 
@@ -223,7 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--max-batch", type=int, default=64, help="responses per scoring forward")
     p.add_argument("--max-queue", type=int, default=1024, help="requests waiting before a 503")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds before a waiting request gets a 504")
+    # Defaults = reward_server.DEFAULT_TIMEOUT_S / DEFAULT_MAX_REQUEST_BYTES (not imported: --help stays fast).
+    p.add_argument("--timeout", type=float, default=200.0,
+                   help="seconds before a waiting request gets a 504 (default: %(default)s, above OpenRLHF's 180 s "
+                        "client timeout, so a request its client still waits for is never cut and retried)")
+    p.add_argument("--max-request-bytes", type=int, default=16 << 20,
+                   help="larger request bodies get a 413 before they are read (default: %(default)s = 16 MiB)")
+    p.add_argument("--image-root", default=None, metavar="DIR",
+                   help="refuse (403) label images outside DIR, symlinks and '..' resolved (default: any path)")
     _add_overrides(p)
     p.set_defaults(func=_cmd_serve_reward)
 
@@ -275,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet_logs", False) and not args.verbose and not inside_distributed_launch()
     if quiet:
         run_logs.quiet_terminal()
-    from csr_plugin.sampling import SystematicFailure
+    from csr_plugin.sampling.local import SystematicFailure
 
     def logs_hint() -> None:
         if run_logs.active_logs_dir() is not None:

@@ -17,7 +17,7 @@ from typing import Optional
 
 from csr_plugin.config import CurationConfig
 from csr_plugin.jsonl import read_jsonl, write_jsonl_atomic
-from csr_plugin.sampler.search import path_score
+from csr_plugin.sampling.search import path_score, record_path
 
 
 @dataclass
@@ -70,14 +70,10 @@ def complete_responses(tree: dict, length_normalize: bool, reward_baseline: str 
     for node in tree["nodes"]:
         if node["parent"] is None or not (node["final"] or stop_at_any_sentence and node["finish"] == "sentence"):
             continue
-        path = []
-        current: Optional[dict] = node
-        while current is not None and current["parent"] is not None:
-            path.append(current)
-            current = nodes.get(current["parent"])
-            if current is None:
-                raise ValueError(f"tree {tree.get('id')!r}: node {path[-1]['id']} has a missing parent.")
-        path.reverse()
+        try:
+            path = record_path(nodes, node)
+        except KeyError as missing:
+            raise ValueError(f"tree {tree.get('id')!r}: node {node['id']} has a missing ancestor {missing}.") from None
         responses.append(Response(
             text="".join(n["text"] for n in path).strip(),
             reward=path_score([n["reward"] - baseline for n in path], length_normalize),

@@ -25,6 +25,7 @@ from typing import Optional
 
 from csr_plugin.eval.objects import ObjectVocabulary
 from csr_plugin.jsonl import load_records
+from csr_plugin.sampling.search import record_path
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,10 @@ def _responses(tree: dict) -> dict[tuple, tuple[float, int]]:
     nodes = {n["id"]: n for n in tree["nodes"]}
     out = {}
     for node in tree["nodes"]:
-        ids, logprobs, sentences, current = [], [], 0, node
-        while current["parent"] is not None:
-            ids[:0], logprobs[:0] = current["token_ids"], current["logprobs"]
-            sentences += 1
-            current = nodes[current["parent"]]
-        if sentences:
-            out[tuple(ids)] = (sum(logprobs) / max(len(logprobs), 1), sentences)
+        path = record_path(nodes, node)
+        if path:
+            logprobs = [lp for n in path for lp in n["logprobs"]]
+            out[tuple(t for n in path for t in n["token_ids"])] = (sum(logprobs) / max(len(logprobs), 1), len(path))
     return out
 
 

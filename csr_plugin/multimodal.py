@@ -81,6 +81,17 @@ def image_token_id(config) -> int:
     raise UnsupportedModelError(f"{config.model_type} config names no image token id (image_token_id).")
 
 
+def processor_image_token_id(processor) -> Optional[int]:
+    """The image placeholder's token id as the processor (or its tokenizer) states it; None if neither does."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    for owner in (processor, tokenizer):
+        token_id = getattr(owner, "image_token_id", None)
+        if token_id is not None:
+            return token_id
+    token = getattr(processor, "image_token", None)
+    return tokenizer.convert_tokens_to_ids(token) if token else None
+
+
 def chat_prompt(processor, question: str) -> str:
     """The generation prompt for one image and ``question``: the processor's chat template, else LLaVA-1.5's."""
     if getattr(processor, "chat_template", None):

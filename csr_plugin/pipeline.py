@@ -53,7 +53,8 @@ def _sample_stage(recipe: Recipe, t: int, folder: Path):
     import dataclasses
 
     from csr_plugin.run_logs import say
-    from csr_plugin.sampling import load_prompts, sample
+    from csr_plugin.sampling.local import sample
+    from csr_plugin.sampling.prompts import load_prompts
 
     model = dataclasses.replace(recipe.model, path=iterate_path(recipe, t - 1))
     # a fresh draw per iteration, reproducible per (seed, iteration)

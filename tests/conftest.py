@@ -36,7 +36,7 @@ def tiny_recipe_dict(tiny_root):
 @pytest.fixture(scope="session")
 def tiny_model_and_processor(tiny_recipe_dict):
     from csr_plugin.config import recipe_from_dict
-    from csr_plugin.sampler.transformers_engine import load_vlm
+    from csr_plugin.sampling.transformers_engine import load_vlm
 
     return load_vlm(recipe_from_dict(tiny_recipe_dict).model)
 
@@ -51,7 +51,7 @@ def tiny_clip(tiny_recipe_dict):
 
 def make_engine(model_and_processor, **search_overrides):
     from csr_plugin.config import SearchConfig
-    from csr_plugin.sampler.transformers_engine import TransformersEngine
+    from csr_plugin.sampling.transformers_engine import TransformersEngine
 
     defaults = {"beam_width": 3, "candidates": 3, "keep_top": 1, "keep_bottom": 2, "max_new_tokens": 12}
     defaults.update(search_overrides)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 
-from csr_plugin.sampler.engine import Continuation, EncodedPrompt
+from csr_plugin.sampling.engine import Continuation, EncodedPrompt
 
 
 class ScriptedEngine:

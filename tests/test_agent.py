@@ -30,8 +30,8 @@ def rollout_actor(tiny_recipe_dict, tmp_path_factory):
     from openrlhf.trainer.ray.vllm_engine import RolloutRayActor
     from transformers import AutoProcessor
 
-    from csr_plugin.openrlhf.engines import rollout_actor_kwargs
-    from csr_plugin.sampler.vllm_engine import cpu_env
+    from csr_plugin.sampling.openrlhf_actors import rollout_actor_kwargs
+    from csr_plugin.sampling.vllm_engine import cpu_env
 
     tmp = tmp_path_factory.mktemp("agent")
     data = json.loads(json.dumps(tiny_recipe_dict))

@@ -4,9 +4,9 @@ import torch
 from PIL import Image
 
 from conftest import make_engine, reference_logprobs
-from csr_plugin.sampler.engine import Expansion
-from csr_plugin.sampler.sentence_end import ends_sentence, sentence_end_token_ids
-from csr_plugin.sampler.transformers_engine import counter_gumbel
+from csr_plugin.sampling.engine import Expansion
+from csr_plugin.sampling.sentence_end import ends_sentence, sentence_end_token_ids
+from csr_plugin.sampling.transformers_engine import counter_gumbel
 
 
 def _image(colour=(200, 30, 30)):

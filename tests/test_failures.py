@@ -8,7 +8,8 @@ from PIL import Image
 
 from csr_plugin.config import recipe_from_dict
 from csr_plugin.jsonl import load_records
-from csr_plugin.sampling import FailureStreak, SystematicFailure, failure_kind, load_prompts, sample
+from csr_plugin.sampling.local import FailureStreak, SystematicFailure, failure_kind, sample
+from csr_plugin.sampling.prompts import load_prompts
 from fakes import ScriptedClip, ScriptedEngine
 
 
@@ -96,7 +97,7 @@ def test_cli_reports_a_systematic_failure_and_exits_1(tmp_path, capsys, monkeypa
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({"model": {"path": "unused"}, "data": {"prompts": str(prompts)},
                                   "output_dir": str(tmp_path / "out")}))
-    monkeypatch.setattr("csr_plugin.sampling.build_engine", lambda recipe: ScriptedEngine())
-    monkeypatch.setattr("csr_plugin.sampling.build_clip", lambda recipe: ScriptedClip())
+    monkeypatch.setattr("csr_plugin.sampling.local.build_engine", lambda recipe: ScriptedEngine())
+    monkeypatch.setattr("csr_plugin.sampling.local.build_clip", lambda recipe: ScriptedClip())
     assert cli.main(["sample", "--config", str(recipe), "--quiet"]) == 1
     assert "csr sample: stopped: the last 12 prompts all failed alike" in capsys.readouterr().err

@@ -11,8 +11,8 @@ from PIL import Image
 
 from csr_plugin.config import ModelConfig, SearchConfig
 from csr_plugin.multimodal import UnsupportedModelError, batch_inputs, family_of
-from csr_plugin.sampler.engine import Expansion
-from csr_plugin.sampler.transformers_engine import TransformersEngine, load_vlm
+from csr_plugin.sampling.engine import Expansion
+from csr_plugin.sampling.transformers_engine import TransformersEngine, load_vlm
 from csr_plugin.toy.tiny_families import FAMILIES, build_tiny_family
 
 QUESTIONS = ["Describe the image.", "What shapes and colours do you see in this picture?"]

@@ -60,7 +60,7 @@ def test_two_train_dpo_runs_at_once_on_one_machine_both_finish(tmp_path, tiny_re
 def test_flash_attn_rocm_switch_reaches_cpu_actors_only():
     """FLASH_ATTENTION_TRITON_AMD_ENABLE makes flash-attn's CPU install importable, but on an NVIDIA
     GPU it selects the ROCm backend: GPU actors must never get it."""
-    from csr_plugin.ray_sampling import _actor_options
+    from csr_plugin.sampling.ray_actors import _actor_options
 
     gpu, cpu = _actor_options(True)["runtime_env"]["env_vars"], _actor_options(False)["runtime_env"]["env_vars"]
     assert "FLASH_ATTENTION_TRITON_AMD_ENABLE" not in gpu

@@ -13,8 +13,8 @@ import yaml
 
 from csr_plugin.config import recipe_from_dict
 from csr_plugin.jsonl import load_records
-from csr_plugin.ray_sampling import sample_on_ray
-from csr_plugin.sampling import sample
+from csr_plugin.sampling.ray_driver import sample_on_ray
+from csr_plugin.sampling.local import sample
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.filterwarnings("ignore:Tip. In future versions of Ray:FutureWarning")
@@ -27,7 +27,7 @@ def _die_on_poison():
     """Ray worker setup hook: a worker searching the prompt `poison` dies as a segfault or OOM kill would."""
     import os
 
-    from csr_plugin.sampler.search import SentenceBeamSearch
+    from csr_plugin.sampling.search import SentenceBeamSearch
 
     run = SentenceBeamSearch.run
 
@@ -165,7 +165,7 @@ def test_actors_that_cannot_load_the_models_stop_the_run(cluster, make_recipe, t
 def test_openrlhf_rollout_actors_with_our_agent_lose_nothing(cluster, make_recipe, tmp_path, tiny_clip):
     """OpenRLHF's real RolloutRayActor on real vLLM (CPU build), our agent loaded by its agent_func_path;
     one engine is killed mid-run. The trees equal a serial `csr sample` with search.engine: vllm."""
-    from csr_plugin.sampler.vllm_engine import VllmEngine
+    from csr_plugin.sampling.vllm_engine import VllmEngine
 
     serial_out = tmp_path / "serial"
     recipe = make_recipe(serial_out, engine="vllm")

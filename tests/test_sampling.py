@@ -13,7 +13,7 @@ from PIL import Image
 
 from csr_plugin.config import recipe_from_dict
 from csr_plugin.jsonl import JsonlAppender, load_records
-from csr_plugin.sampling import build_clip, build_engine, sample
+from csr_plugin.sampling.local import build_clip, build_engine, sample
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -3,7 +3,7 @@ import pytest
 
 from csr_plugin.config import CurationConfig, RewardConfig, SearchConfig
 from csr_plugin.reward import rank_fusion_reward
-from csr_plugin.sampler.search import PromptJob, SentenceBeamSearch, is_degenerate, path_score
+from csr_plugin.sampling.search import PromptJob, SentenceBeamSearch, is_degenerate, path_score
 from fakes import ScriptedClip, ScriptedEngine
 
 

@@ -146,8 +146,8 @@ def test_dpo_log_probs_of_sampled_pairs_are_the_samplers(families, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     from csr_plugin.config import RewardConfig, SearchConfig
-    from csr_plugin.sampler.search import PromptJob, SentenceBeamSearch
-    from csr_plugin.sampler.transformers_engine import TransformersEngine
+    from csr_plugin.sampling.search import PromptJob, SentenceBeamSearch
+    from csr_plugin.sampling.transformers_engine import TransformersEngine
     from fakes import ScriptedClip
 
     path = families["llava"]

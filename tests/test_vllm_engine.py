@@ -14,11 +14,11 @@ from PIL import Image
 
 from conftest import make_engine, reference_logprobs
 from csr_plugin.config import ConfigError, CurationConfig, ModelConfig, RewardConfig, SearchConfig, recipe_from_dict
-from csr_plugin.sampler.engine import Expansion
-from csr_plugin.sampler.search import PromptJob, SentenceBeamSearch
-from csr_plugin.sampler.sentence_end import sentence_end_token_ids
-from csr_plugin.sampler.transformers_engine import PromptTooLongError
-from csr_plugin.sampler.vllm_engine import VllmEngine, VllmSentenceRules, engine_args
+from csr_plugin.sampling.engine import Expansion
+from csr_plugin.sampling.search import PromptJob, SentenceBeamSearch
+from csr_plugin.sampling.sentence_end import sentence_end_token_ids
+from csr_plugin.sampling.transformers_engine import PromptTooLongError
+from csr_plugin.sampling.vllm_engine import VllmEngine, VllmSentenceRules, engine_args
 
 SEARCH = {"beam_width": 3, "candidates": 3, "keep_top": 1, "keep_bottom": 2, "max_new_tokens": 12}
 MAX_MODEL_LEN = 768   # through search.vllm; the checkpoint's own limit is 1024
@@ -27,7 +27,7 @@ MAX_MODEL_LEN = 768   # through search.vllm; the checkpoint's own limit is 1024
 @pytest.fixture(scope="module")
 def built(tiny_recipe_dict):
     """(engine, recipe) from build_engine on a vllm recipe, as `csr sample` builds it."""
-    from csr_plugin.sampling import build_engine
+    from csr_plugin.sampling.local import build_engine
 
     data = json.loads(json.dumps(tiny_recipe_dict))
     data["search"].update(engine="vllm", seed=7, vllm={"max_model_len": MAX_MODEL_LEN})
@@ -51,9 +51,9 @@ def test_the_module_imports_without_vllm_and_building_names_the_fix(monkeypatch)
 
     monkeypatch.setitem(sys.modules, "vllm", None)   # as if vllm were not installed
     # import the module afresh; the one other tests use comes back afterwards
-    monkeypatch.delitem(sys.modules, "csr_plugin.sampler.vllm_engine")
-    monkeypatch.setattr(csr_plugin.sampler, "vllm_engine", csr_plugin.sampler.vllm_engine)
-    import csr_plugin.sampler.vllm_engine as fresh   # would raise here if it imported vllm at import time
+    monkeypatch.delitem(sys.modules, "csr_plugin.sampling.vllm_engine")
+    monkeypatch.setattr(csr_plugin.sampler, "vllm_engine", csr_plugin.sampling.vllm_engine)
+    import csr_plugin.sampling.vllm_engine as fresh   # would raise here if it imported vllm at import time
 
     with pytest.raises(ImportError, match=r"`make setup` installs it .*or set search.engine: transformers"):
         fresh.import_vllm()
@@ -352,7 +352,7 @@ def test_a_tiny_qwen2_5_vl_runs_through_the_vllm_engine(tmp_path):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from csr_plugin.sampler.engine import EncodedPrompt
+    from csr_plugin.sampling.engine import EncodedPrompt
     from csr_plugin.toy.tiny_families import build_tiny_family
 
     path = build_tiny_family("qwen2_5_vl", tmp_path / "qwen2_5_vl")

@@ -50,8 +50,8 @@ def generate(model, processor, items: list[tuple], max_new_tokens: int, batch: i
 
 
 def evaluate(model_cfg: ModelConfig, cfg: EvalConfig) -> dict:
-    from csr_plugin.sampler.transformers_engine import load_vlm
-    from csr_plugin.sampling import load_image, load_prompts
+    from csr_plugin.sampling.transformers_engine import load_vlm
+    from csr_plugin.sampling.prompts import load_image, load_prompts
 
     prompts, bad = load_prompts(cfg.prompts, cfg.limit)
     if bad:

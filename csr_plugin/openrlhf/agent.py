@@ -42,12 +42,13 @@ from typing import Optional, Sequence
 from openrlhf.utils.agent import AgentExecutorBase
 
 from csr_plugin.config import Recipe
+from csr_plugin.multimodal import processor_image_token_id
 from csr_plugin.openrlhf.env_recipe import recipe_from_env
 from csr_plugin.openrlhf.per_process import shared
 from csr_plugin.openrlhf.response_reward import image_from_label
-from csr_plugin.sampler.engine import Continuation, EncodedPrompt, Expansion, never_sampled_ids
-from csr_plugin.sampler.search import Node, PromptJob, SearchTree, SentenceBeamSearch, path_score
-from csr_plugin.sampler.vllm_engine import VllmSentenceRules
+from csr_plugin.sampling.engine import Continuation, EncodedPrompt, Expansion, never_sampled_ids
+from csr_plugin.sampling.search import Node, PromptJob, SearchTree, SentenceBeamSearch, path_score, root_path
+from csr_plugin.sampling.vllm_engine import VllmSentenceRules
 
 # Searches mostly wait on the event loop for vLLM, so one thread each is cheap; asyncio's default pool
 # (min(32, CPUs + 4) threads) would cap how many prompts an engine searches, and vLLM batches, at once.
@@ -75,7 +76,7 @@ def _rules_for(processor, recipe: Recipe) -> VllmSentenceRules:
         eos_ids = set(eos) if isinstance(eos, (list, tuple, set)) else {eos}
         if None in eos_ids:
             raise ValueError("the tokenizer OpenRLHF passed defines no EOS token; set eos_token in its config.")
-        image_token = getattr(processor, "image_token_id", None) or getattr(tokenizer, "image_token_id", None)
+        image_token = processor_image_token_id(processor)
         return VllmSentenceRules(tokenizer, recipe.search, eos_ids,
                                  never_sampled_ids(tokenizer, eos_ids, image_token, len(tokenizer)))
 
@@ -110,7 +111,7 @@ class _AsyncEngine:
         for request, future in zip(requests, futures):
             continuations = self.rules.continuations(future.result(), request.prefix_ids)
             for c in continuations:
-                if c.finish == "eos" and not any(ch.isalnum() for ch in c.text):
+                if c.eos_only:
                     self.eos_tails.setdefault(tuple(request.prefix_ids), (c.token_ids, c.logprobs))
             results.append(continuations)
         return results
@@ -128,12 +129,7 @@ def _label_fields(label) -> dict:
 
 
 def _path(tree: SearchTree, node: Node) -> list[Node]:
-    nodes = {n.id: n for n in tree.nodes}
-    path = []
-    while node.parent is not None:
-        path.append(node)
-        node = nodes[node.parent]
-    return path[::-1]
+    return root_path({n.id: n for n in tree.nodes}, node, lambda n: n.parent)
 
 
 class AgentExecutor(AgentExecutorBase):

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from csr_plugin.config import ConfigError, Recipe
+from csr_plugin.openrlhf import AGENT_FILE
 
-AGENT_FILE = Path(__file__).with_name("agent.py")
 PPO_MODULE = "openrlhf.cli.train_ppo_ray"
 
 
@@ -36,7 +36,7 @@ def write_ppo_prompts(recipe: Recipe) -> tuple[Path, int]:
     entry of the user message; the label carries the id and image for the agent.
     """
     from csr_plugin.jsonl import write_jsonl_atomic
-    from csr_plugin.sampling import load_prompts
+    from csr_plugin.sampling.prompts import load_prompts
 
     prompts, bad = load_prompts(recipe.data.prompts, recipe.data.limit)
     usable = [p for p in prompts if p.question.strip()]

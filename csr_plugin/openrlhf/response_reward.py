@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 
 from csr_plugin.config import Recipe
 from csr_plugin.reward import calibrated_reward, instruction_score
-from csr_plugin.sampler.sentence_end import ends_sentence
+from csr_plugin.sampling.sentence_end import sentence_spans
 
 # Distinct images kept decoded (and prompts kept encoded): a PPO batch revisits each
 # prompt n_samples_per_prompt times, close together.
@@ -65,25 +65,6 @@ class ScoredResponse:
     def r_t(self) -> float:
         """Mean instruction score of the sentences (0.0 for an empty response), for logging."""
         return math.fsum(s["r_t"] for s in self.sentences) / len(self.sentences) if self.sentences else 0.0
-
-
-def sentence_spans(text: str, delimiters: Sequence[str]) -> list[tuple[int, int]]:
-    """Character spans [start, end) of the sentences of ``text``.
-
-    A sentence ends where the text so far ends with a delimiter (closing quotes or
-    brackets allowed) followed by whitespace or the end, as ``ends_sentence``
-    decides in the search ('3.5' does not end one). Whitespace goes to the next
-    sentence; a trailing fragment without delimiter is a last sentence, a
-    whitespace-only tail is none.
-    """
-    spans, start = [], 0
-    for end in range(1, len(text) + 1):
-        if (end == len(text) or text[end].isspace()) and ends_sentence(text[start:end], delimiters):
-            spans.append((start, end))
-            start = end
-    if text[start:].strip():
-        spans.append((start, len(text)))
-    return spans
 
 
 def token_offsets(tokenizer, ids: Sequence[int], context: int = 6) -> list[tuple[int, int]]:
@@ -194,7 +175,7 @@ class ResponseRewardScorer:
         # vLLM output is decoded with skip_special_tokens=False: the EOS text ends most responses.
         specials = "|".join(re.escape(t) for t in self.tokenizer.all_special_tokens if t)
         self._trailing_special = re.compile(rf"(?:{specials}|\s)+\Z" if specials else r"\s+\Z")
-        from csr_plugin.sampling import load_image
+        from csr_plugin.sampling.prompts import load_image
 
         # lru_cache is thread-safe: HTTP handlers pre-load images to reject bad ones early.
         self.image = functools.lru_cache(maxsize=_CACHE_SIZE)(load_image)
@@ -203,7 +184,7 @@ class ResponseRewardScorer:
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> "ResponseRewardScorer":
         from csr_plugin.reward.clip_relevance import ClipRelevance
-        from csr_plugin.sampler.transformers_engine import load_vlm
+        from csr_plugin.sampling.transformers_engine import load_vlm
 
         _require_paper_fusion(recipe)  # before minutes of model loading
         model, processor = load_vlm(recipe.model)

@@ -55,7 +55,7 @@ def _check_image(path: str) -> None:
     """Cheap start-up check (the file exists and is an image); decoding waits for the batch."""
     from PIL import Image, UnidentifiedImageError
 
-    from csr_plugin.sampling import PromptError
+    from csr_plugin.sampling.prompts import PromptError
 
     try:
         with Image.open(path):
@@ -200,7 +200,7 @@ class MultimodalPreferenceDataset(Dataset):
 
     def encode(self, record: dict) -> dict:
         """One pair -> prompt ids (image placeholder expanded), response ids, image tensors."""
-        from csr_plugin.sampling import load_image
+        from csr_plugin.sampling.prompts import load_image
 
         prompt_text = self._prompt_text(record)
         images = record.get("images") or []
@@ -227,7 +227,7 @@ class MultimodalPreferenceDataset(Dataset):
         Every rank must run the same number of steps with full micro-batches (ZeRO-3's
         collectives wait for all ranks), so a bad pair is swapped, not dropped or raised.
         """
-        from csr_plugin.sampling import PromptError
+        from csr_plugin.sampling.prompts import PromptError
 
         if not 0 <= index < len(self):
             raise IndexError(f"pair {index} of {len(self)}")

@@ -9,27 +9,32 @@ from __future__ import annotations
 from argparse import Namespace
 from pathlib import Path
 
-from csr_plugin.config import DPOConfig
+from csr_plugin.config import DPOConfig, LoggingConfig
+from csr_plugin.model_source import dtype_name
 from csr_plugin.training.device import on_gpu
+from csr_plugin.training.tracking import logger_flags
 
 
 def param_dtype(cfg: DPOConfig, gpu: bool | None = None) -> str:
     """bf16 on GPU, fp32 on CPU (OpenRLHF's bf16/fp16 switches both off for fp32; its CLI offers no fp32)."""
     if cfg.dtype == "auto":
-        return "bf16" if (on_gpu() if gpu is None else gpu) else "fp32"
+        return {"bfloat16": "bf16", "float32": "fp32"}[dtype_name("auto", on_gpu() if gpu is None else gpu)]
     return cfg.dtype
 
 
-def dpo_flags(cfg: DPOConfig, model_path: str, pairs: str, out_dir: str, gpu: bool | None = None) -> dict:
-    """``gpu``: the machine the flags are for (None = this one)."""
+def dpo_flags(cfg: DPOConfig, model_path: str, pairs: str, out_dir: str, gpu: bool | None = None,
+              logging: LoggingConfig | None = None) -> dict:
+    """``gpu``: the machine the flags are for (None = this one); ``logging``: the recipe's section (None = off)."""
     out = Path(out_dir)
     return {
         "model.model_name_or_path": model_path, "ref.model_name_or_path": model_path,
         "data.dataset": pairs, "data.max_len": cfg.max_len,
         "ckpt.output_dir": str(out / "final"), "ckpt.path": str(out / "ds_ckpt"),
         "ckpt.save_steps": cfg.ckpt_steps if cfg.ckpt_steps > 0 else -1, "ckpt.load_enable": True,
+        # HF checkpoints (dpo.hf_ckpt_steps) are ours, not OpenRLHF's save_hf: it writes them into ckpt.path,
+        # where rotating the ZeRO checkpoints (ckpt.max_num) deletes them, and only at ckpt.save_steps.
         "ckpt.save_hf": False, "ckpt.disable_ds": False, "ckpt.max_num": 1, "ckpt.max_mem": int(1e8),
-        "logger.logging_steps": 1, "eval.steps": -1, "eval.dataset": None,
+        "eval.steps": -1, "eval.dataset": None,
         "train.micro_batch_size": cfg.micro_batch, "train.batch_size": cfg.batch, "train.max_epochs": cfg.epochs,
         "train.seed": cfg.seed, "train.full_determinism_enable": False,
         "ds.zero_stage": cfg.zero_stage, "ds.param_dtype": param_dtype(cfg, gpu), "ds.attn_implementation":
@@ -47,8 +52,7 @@ def dpo_flags(cfg: DPOConfig, model_path: str, pairs: str, out_dir: str, gpu: bo
         "adam.weight_decay": cfg.weight_decay, "lr_scheduler": cfg.lr_scheduler, "lr_warmup_ratio": cfg.warmup_ratio,
         "min_lr_ratio": 0.1, "max_norm": cfg.max_norm,
         "ref.offload": False, "local_rank": -1,
-        "logger.wandb.key": None, "logger.wandb.org": None, "logger.wandb.group": None,
-        "logger.wandb.project": "csr_dpo", "logger.wandb.run_name": out.name, "logger.tensorboard_dir": None,
+        **logger_flags(logging or LoggingConfig(), out),
     }
 
 

@@ -30,15 +30,15 @@ import contextlib
 import copy
 import dataclasses
 import os
-from pathlib import Path
 from typing import Sequence
 
 from csr_plugin.config import ConfigError, ModelConfig, SearchConfig
-from csr_plugin.multimodal import chat_prompt
-from csr_plugin.sampler.engine import (Continuation, EncodedPrompt, Expansion, FinishReason, added_text,
+from csr_plugin.model_source import check_model_path, vllm_dtype
+from csr_plugin.multimodal import chat_prompt, processor_image_token_id
+from csr_plugin.sampling.engine import (Continuation, EncodedPrompt, Expansion, FinishReason, added_text,
                                        never_sampled_ids)
-from csr_plugin.sampler.sentence_end import sentence_end_token_ids
-from csr_plugin.sampler.transformers_engine import PromptTooLongError
+from csr_plugin.sampling.sentence_end import sentence_end_token_ids
+from csr_plugin.sampling.transformers_engine import PromptTooLongError
 
 # vLLM's CPU build: no chunked prefill (seeded requests crash with it), eager mode (torch.compile
 # costs tens of seconds per engine start on a small CPU), a 1 GiB KV cache.
@@ -200,7 +200,7 @@ class VllmEngine:
             eos_ids.add(self.tokenizer.eos_token_id)
         if not eos_ids:
             raise ValueError("the model's tokenizer defines no EOS token; set eos_token in its tokenizer config.")
-        banned = never_sampled_ids(self.tokenizer, eos_ids, self._image_token_id(), len(self.tokenizer))
+        banned = never_sampled_ids(self.tokenizer, eos_ids, processor_image_token_id(self.processor), len(self.tokenizer))
         self.rules = VllmSentenceRules(self.tokenizer, search, eos_ids, banned)
 
     @classmethod
@@ -208,10 +208,7 @@ class VllmEngine:
         """vllm.LLM for ``model_cfg.path`` with :func:`engine_args` (``search.vllm`` over our defaults)."""
         _reject_group_beam(search)  # before loading a model onto the GPU
         vllm = import_vllm()
-        local = Path(model_cfg.path).expanduser()
-        if not local.exists() and (model_cfg.path.startswith((".", "/", "~")) or model_cfg.path.count("/") > 1):
-            raise FileNotFoundError(f"model.path {model_cfg.path!r} does not exist; give a local HF model folder "
-                                    "or hub id.")
+        local = check_model_path(model_cfg.path)
         from csr_plugin.checkpoint_layout import needs_hub_layout
 
         if local.is_dir() and needs_hub_layout(local):
@@ -220,11 +217,9 @@ class VllmEngine:
                              f"`python -m csr_plugin.checkpoint_layout {model_cfg.path}`.")
         from transformers import AutoProcessor
 
-        # Our "auto" means bfloat16 on GPU; vLLM's own "auto" would turn a float32 checkpoint into float16.
-        dtype = "bfloat16" if model_cfg.dtype == "auto" else model_cfg.dtype
         cpu = on_cpu()
-        kwargs = {"dtype": dtype, "enable_prefix_caching": True, "limit_mm_per_prompt": {"image": 1},
-                  **engine_args(search, cpu)}
+        kwargs = {"dtype": vllm_dtype(model_cfg.dtype), "enable_prefix_caching": True,
+                  "limit_mm_per_prompt": {"image": 1}, **engine_args(search, cpu)}
         if cpu:
             for name, value in cpu_env().items():
                 os.environ.setdefault(name, value)
@@ -233,12 +228,6 @@ class VllmEngine:
                            **kwargs)
         processor = AutoProcessor.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
         return cls(llm, processor, search)
-
-    def _image_token_id(self):
-        token_id = getattr(self.processor, "image_token_id", None)
-        if token_id is None and getattr(self.processor, "image_token", None):
-            token_id = self.tokenizer.convert_tokens_to_ids(self.processor.image_token)
-        return token_id
 
     def prompt_text(self, question: str) -> str:
         return chat_prompt(self.processor, question)

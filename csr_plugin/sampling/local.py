@@ -18,19 +18,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from tqdm import tqdm
 
 from csr_plugin.config import Recipe
-from csr_plugin.jsonl import JsonlAppender, read_jsonl
-from csr_plugin.sampler.search import PromptJob, SentenceBeamSearch
+from csr_plugin.jsonl import JsonlAppender
+from csr_plugin.sampling.prompts import PromptError, PromptRecord, check_prompt, load_prompts
+from csr_plugin.sampling.search import PromptJob, SentenceBeamSearch
 
 log = logging.getLogger(__name__)
-
-
-class PromptError(ValueError):
-    """This prompt cannot be searched; the reason goes to errors.jsonl."""
 
 
 class SystematicFailure(RuntimeError):
@@ -87,13 +83,6 @@ def _fix_for(reason: str) -> str:
 
 
 @dataclass
-class PromptRecord:
-    id: str
-    image: str
-    question: str
-
-
-@dataclass
 class SampleSummary:
     done: int = 0
     resumed: int = 0
@@ -107,59 +96,10 @@ class SampleSummary:
         return "\n".join(lines)
 
 
-def load_prompts(path: str | Path, limit: Optional[int] = None) -> tuple[list[PromptRecord], list[dict]]:
-    """Valid prompt records and error records for the lines that are not."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.prompts {str(path)!r} not found; give a JSONL file of "
-                                '{"id", "image", "question"} records.')
-    prompts, errors, seen = [], [], set()
-    for number, record, problem in read_jsonl(path):
-        if record is None:
-            errors.append({"id": f"line:{number}", "reason": f"invalid line: {problem}"})
-            continue
-        prompt_id = record.get("id")
-        if prompt_id is None or str(prompt_id) == "":
-            errors.append({"id": f"line:{number}", "reason": f"invalid line: line {number} has no id"})
-            continue
-        prompt_id = str(prompt_id)
-        if prompt_id in seen:
-            errors.append({"id": prompt_id, "reason": f"duplicate id: line {number} repeats it; ids must be unique"})
-            continue
-        seen.add(prompt_id)
-        image = record.get("image")
-        if not isinstance(image, str) or not image:
-            errors.append({"id": prompt_id, "reason": "no image: the record has no image path"})
-            continue
-        image_path = Path(image).expanduser()
-        if not image_path.is_absolute():
-            image_path = path.parent / image_path
-        # absolute, so trees and pairs stay valid from any working directory
-        prompts.append(PromptRecord(prompt_id, str(image_path.resolve()), str(record.get("question") or "")))
-        if limit is not None and len(prompts) >= limit:
-            break
-    return prompts, errors
-
-
-def load_image(path: str):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode now: a truncated file fails here, not inside the search
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise PromptError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise PromptError(f"image unreadable or corrupt: {path} ({type(exc).__name__}: {exc})") from None
-
-
 def prepare_job(prompt: PromptRecord, engine) -> PromptJob:
-    from csr_plugin.sampler.transformers_engine import PromptTooLongError
+    from csr_plugin.sampling.transformers_engine import PromptTooLongError
 
-    if not prompt.question.strip():
-        raise PromptError("empty question: give the prompt a non-empty question")
-    image = load_image(prompt.image)
+    image = check_prompt(prompt)
     try:
         encoded = engine.encode_prompt(prompt.question, image)
     except PromptTooLongError as exc:
@@ -169,10 +109,10 @@ def prepare_job(prompt: PromptRecord, engine) -> PromptJob:
 
 def build_engine(recipe: Recipe):
     if recipe.search.engine == "vllm":
-        from csr_plugin.sampler.vllm_engine import VllmEngine
+        from csr_plugin.sampling.vllm_engine import VllmEngine
 
         return VllmEngine.from_config(recipe.model, recipe.search)
-    from csr_plugin.sampler.transformers_engine import TransformersEngine
+    from csr_plugin.sampling.transformers_engine import TransformersEngine
 
     return TransformersEngine.from_config(recipe.model, recipe.search)
 

@@ -23,6 +23,25 @@ def ends_sentence(text: str, delimiters: Sequence[str]) -> bool:
     return bool(_ends_sentence_pattern(delimiters).search(text))
 
 
+def sentence_spans(text: str, delimiters: Sequence[str]) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the sentences of ``text``.
+
+    A sentence ends where the text so far ends with a delimiter (closing quotes or
+    brackets allowed) followed by whitespace or the end, as ``ends_sentence``
+    decides in the search ('3.5' does not end one). Whitespace goes to the next
+    sentence; a trailing fragment without delimiter is a last sentence, a
+    whitespace-only tail is none.
+    """
+    spans, start = [], 0
+    for end in range(1, len(text) + 1):
+        if (end == len(text) or text[end].isspace()) and ends_sentence(text[start:end], delimiters):
+            spans.append((start, end))
+            start = end
+    if text[start:].strip():
+        spans.append((start, len(text)))
+    return spans
+
+
 def sentence_end_token_ids(tokenizer, delimiters: Sequence[str]) -> set[int]:
     """Ids of every vocabulary token whose decoded text ends a sentence."""
     pattern = _ends_sentence_pattern(delimiters)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Hashable, Optional, Sequence
+from typing import Callable, Hashable, Mapping, Optional, Sequence, TypeVar
 
 from csr_plugin.config import CurationConfig, RewardConfig, SearchConfig
 from csr_plugin.reward.calibration import calibrated_reward, rank_fusion_reward
 from csr_plugin.reward.instruction import instruction_score
-from csr_plugin.sampler.engine import Continuation, EncodedPrompt, Expansion, SentenceEngine, stable_seed
+from csr_plugin.sampling.engine import (WORD_CHARS, Continuation, EncodedPrompt, Expansion, SentenceEngine,
+                                       stable_seed)
 
 
 @dataclass
@@ -56,13 +57,33 @@ class SearchTree:
         return {"id": self.id, "image": self.image, "prompt": self.prompt, "nodes": [asdict(n) for n in self.nodes]}
 
 
+N = TypeVar("N")
+
+
+def root_path(nodes: Mapping[int, N], node: N, parent: Callable[[N], Optional[int]]) -> list[N]:
+    """The sentences of the response ending at ``node``: the nodes below the root down to it, in order.
+
+    Works on `Node` objects (``parent=lambda n: n.parent``) and on trees.jsonl dicts
+    (``parent=lambda n: n["parent"]``); a parent id missing from ``nodes`` raises KeyError.
+    """
+    path = []
+    while (up := parent(node)) is not None:
+        path.append(node)
+        node = nodes[up]
+    return path[::-1]
+
+
+def record_path(nodes: Mapping[int, dict], node: dict) -> list[dict]:
+    """`root_path` over a trees.jsonl record's nodes."""
+    return root_path(nodes, node, lambda n: n["parent"])
+
+
 def path_score(values: Sequence[float], length_normalize: bool) -> float:
     """Cumulative score of a response from its sentences' scores: the mean or the sum."""
     total = sum(values)
     return total / len(values) if length_normalize and values else total
 
 
-_WORD_CHARS = re.compile(r"\w")
 _REPEATED_WORD = re.compile(r"(\b\w+\b)(?:\s+\1){5,}")       # one word 6+ times in a row
 _REPEATED_CHAR = re.compile(r"(\S)(?:\s*\1){10,}")            # one character 11+ times in a row
 
@@ -128,14 +149,13 @@ class SentenceBeamSearch:
         accepted = []
         for cont in continuations:
             self.stats["candidates"] += 1
-            words = len(_WORD_CHARS.findall(cont.text))
-            if words == 0 and cont.finish == "eos":
+            if cont.eos_only:
                 if parent != 0:  # the response ending at the parent is complete
                     node = beam.tree.nodes[parent]
                     node.final, node.finish = True, "eos"
                 continue
             # a sentence without a letter or digit gives CLIP nothing to score: always dropped
-            if words < max(self.search.min_sentence_chars, 1):
+            if len(WORD_CHARS.findall(cont.text)) < max(self.search.min_sentence_chars, 1):
                 self.stats["filtered_short"] += 1
                 continue
             if self.search.drop_degenerate and is_degenerate(cont.text, beam.path_texts[parent]):

@@ -8,8 +8,11 @@ search never knows which one runs.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Protocol, Sequence
+
+WORD_CHARS = re.compile(r"\w")   # a sentence needs one of these for CLIP to have anything to score
 
 FinishReason = Literal["sentence", "eos", "length"]
 
@@ -47,6 +50,12 @@ class Continuation:
     logprobs: list[float]  # log P(token) under the model, before temperature / penalties
     text: str              # the text these tokens add to the prefix's text
     finish: FinishReason
+
+    @property
+    def eos_only(self) -> bool:
+        """EOS with no word before it (punctuation at most): no sentence; the search instead marks
+        the response ending at the prefix complete."""
+        return self.finish == "eos" and not WORD_CHARS.search(self.text)
 
 
 class SentenceEngine(Protocol):

@@ -15,84 +15,27 @@ single prompt that keeps killing actors goes to errors.jsonl as "actor died".
 """
 from __future__ import annotations
 
-import functools
 import logging
 import time
 import warnings
 from collections import deque
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from tqdm import tqdm
 
-from csr_plugin.config import Recipe, recipe_from_dict, recipe_to_dict
-from csr_plugin.sampler.search import SentenceBeamSearch
-from csr_plugin.sampling import (PromptRecord, SampleOutputs, SampleSummary, build_clip, build_engine, chunks,
-                                 search_prompts)
+from csr_plugin.config import Recipe
+from csr_plugin.sampling.local import SampleOutputs, SampleSummary, chunks
+from csr_plugin.sampling.prompts import PromptRecord
+from csr_plugin.sampling.ray_actors import SearchActors, import_ray
 
 log = logging.getLogger(__name__)
-
-# One chunk running and one waiting on the actor: it never idles while the driver writes a result.
-IN_FLIGHT_PER_ACTOR = 2
-
-
-class SamplingWorker:
-    """The body of a sampling actor (made a Ray actor by `_actor_class`): engine and CLIP built once."""
-
-    def __init__(self, recipe: dict):
-        recipe = recipe_from_dict(recipe)
-        self.engine = build_engine(recipe)
-        self.search = SentenceBeamSearch(self.engine, build_clip(recipe), recipe.search, recipe.reward,
-                                         recipe.curation)
-
-    def search_chunk(self, prompts: list[dict]) -> dict:
-        trees, errors = search_prompts(self.search, self.engine, [PromptRecord(**p) for p in prompts])
-        return {"trees": trees, "errors": errors}
-
-
-def _import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise ImportError("`csr sample --ray` needs Ray: pip install ray "
-                          "(or run `csr sample` without --ray).") from None
-    return ray
-
-
-@functools.cache
-def _actor_class():
-    return _import_ray().remote(SamplingWorker)
-
 
 def _needs_gpu(recipe: Recipe, cluster_gpus: float) -> bool:
     devices = (recipe.model.device, recipe.clip.device)
     # vLLM runs where its build runs: its CPU build on a cluster without GPUs, the CUDA build on a GPU.
     return ((recipe.search.engine == "vllm" and cluster_gpus > 0) or any(d.startswith("cuda") for d in devices)
             or ("auto" in devices and cluster_gpus > 0))
-
-
-def _actor_options(use_gpu: bool, extra_env: Optional[dict] = None) -> dict:
-    env = {"TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
-    if use_gpu:
-        return {"num_cpus": 1, "num_gpus": 1, "runtime_env": {"env_vars": env}}
-    # One core per actor: more torch threads than that only fight the other actors. flash-attn's
-    # CPU install imports only with its Triton backend; on an NVIDIA GPU that variable would pick ROCm.
-    cpu = {"OMP_NUM_THREADS": "1", "FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE"}
-    return {"num_cpus": 1, "runtime_env": {"env_vars": {**cpu, **env}}}
-
-
-def actor_recipe(recipe: Recipe) -> dict:
-    """The recipe as the actors need it: they run in Ray's own folder, each GPU actor sees one device."""
-    data = recipe_to_dict(recipe)
-    for section, key in (("model", "path"), ("clip", "config"), ("clip", "pretrained")):
-        value = data[section][key]
-        if value and Path(value).exists():   # a local path, not a hub id or a pretrained tag
-            data[section][key] = str(Path(value).resolve())
-    for section in ("model", "clip"):
-        if data[section]["device"].startswith("cuda"):
-            data[section]["device"] = "cuda"   # Ray sets CUDA_VISIBLE_DEVICES to the actor's one GPU
-    return data
 
 
 def _connect(ray, address: Optional[str]) -> bool:
@@ -165,27 +108,6 @@ class _Slot:
     actor: Any
     running: list = field(default_factory=list)   # its calls in flight, oldest first (Ray runs them in order)
     culprit: Any = None                            # once it died: the call it was running
-
-
-class _SearchActors:
-    """Our sampling actors (transformers or vLLM engine inside): one chunk of prompts per call."""
-
-    in_flight_per_actor = IN_FLIGHT_PER_ACTOR
-
-    def __init__(self, recipe: Recipe, use_gpu: bool, extra_env: Optional[dict] = None):
-        self.actor = _actor_class().options(max_restarts=0, **_actor_options(use_gpu, extra_env))
-        self.recipe = actor_recipe(recipe)
-        self.chunk_size = recipe.search.batch_prompts
-
-    def new_actor(self):
-        return self.actor.remote(self.recipe)
-
-    def submit(self, actor, prompts: list[PromptRecord]):
-        return actor.search_chunk.remote([asdict(p) for p in prompts])
-
-    @staticmethod
-    def unpack(result: dict) -> tuple[list[dict], list[dict]]:
-        return result["trees"], result["errors"]
 
 
 class _Dispatcher:
@@ -267,14 +189,14 @@ def sample_on_ray(recipe: Recipe, num_actors: int, address: Optional[str] = None
     ``address``: an existing cluster (``auto``, ``ray://host:10001``, ``host:6379``); None starts a local
     one for this run. ``on_progress(trees_written, live_actor_handles)`` runs after each finished chunk
     is on disk (tests kill an actor from it). ``openrlhf_engines``: the actors are OpenRLHF's vLLM
-    rollout actors running our agent executor (openrlhf_engines.py) instead of our own sampling
+    rollout actors running our agent executor (openrlhf_actors.py) instead of our own sampling
     actors. ``actor_env``: extra environment variables for the actors.
     """
     if num_actors < 1:
         raise ValueError(f"--actors must be >= 1, got {num_actors}.")
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}.")
-    ray = _import_ray()
+    ray = import_ray()
     started = time.monotonic()
     summary = SampleSummary()
     with SampleOutputs(recipe, summary) as outputs:
@@ -284,14 +206,14 @@ def sample_on_ray(recipe: Recipe, num_actors: int, address: Optional[str] = None
                 use_gpu = _needs_gpu(recipe, ray.cluster_resources().get("GPU", 0))
                 todo = outputs.todo
                 if openrlhf_engines:
-                    from csr_plugin.openrlhf.engines import OpenRLHFEngines, screen_prompts
+                    from csr_plugin.sampling.openrlhf_actors import OpenRLHFEngines, screen_prompts
 
                     todo, rejected = screen_prompts(todo)
                     outputs.add([], rejected)
                     use_gpu = ray.cluster_resources().get("GPU", 0) > 0   # vLLM itself decides the device
                     backend = OpenRLHFEngines(recipe, use_gpu, actor_env or {})
                 else:
-                    backend = _SearchActors(recipe, use_gpu, actor_env)
+                    backend = SearchActors(recipe, use_gpu, actor_env)
                 work = [_Chunk(c) for c in chunks(todo, backend.chunk_size)]
                 _warn_if_cluster_too_small(ray, min(num_actors, len(work)), use_gpu)
                 with tqdm(total=len(todo), desc="csr sample --ray", unit="prompt", disable=not progress) as bar:

@@ -7,7 +7,7 @@ so vLLM batches the searches of many prompts at once. Labels ask for
 deterministic seeding, so a prompt's tree depends on ``search.seed`` and its id
 alone, as in `csr sample`. Trees come back in the agent's ``csr_tree`` and go
 through the same resumable writer, retry and dead-actor handling as our own
-sampling actors (ray_sampling.py).
+sampling actors (ray_driver.py).
 
 We build the actors ourselves rather than through ``create_vllm_engines``: that
 helper hard-codes ``trust_remote_code=True``, a weight-sync worker extension
@@ -23,9 +23,11 @@ from pathlib import Path
 import yaml
 
 from csr_plugin.config import Recipe
-from csr_plugin.multimodal import chat_prompt
-from csr_plugin.openrlhf.ppo import AGENT_FILE
-from csr_plugin.sampling import PromptError, PromptRecord, load_image
+from csr_plugin.model_source import context_length, vllm_dtype
+from csr_plugin.multimodal import chat_prompt, processor_image_token_id
+from csr_plugin.openrlhf import AGENT_FILE
+from csr_plugin.sampling.prompts import PromptError, PromptRecord, check_prompt
+from csr_plugin.sampling.ray_actors import actor_recipe
 
 
 def screen_prompts(prompts: list[PromptRecord]) -> tuple[list[PromptRecord], list[dict]]:
@@ -33,9 +35,7 @@ def screen_prompts(prompts: list[PromptRecord]) -> tuple[list[PromptRecord], lis
     good, rejected = [], []
     for prompt in prompts:
         try:
-            if not prompt.question.strip():
-                raise PromptError("empty question: give the prompt a non-empty question")
-            load_image(prompt.image)
+            check_prompt(prompt)
         except PromptError as exc:
             rejected.append({"id": prompt.id, "image": prompt.image, "reason": str(exc)})
         else:
@@ -46,23 +46,21 @@ def screen_prompts(prompts: list[PromptRecord]) -> tuple[list[PromptRecord], lis
 def _context_length(path: str, trust_remote_code: bool) -> int:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    text_config = getattr(config, "text_config", config)
-    return int(getattr(text_config, "max_position_embeddings", 4096))
+    return context_length(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
 
 
 def rollout_actor_kwargs(recipe: Recipe, use_gpu: bool, processor) -> dict:
     """What RolloutRayActor gets: OpenRLHF's own actor arguments, our agent, and the vLLM engine
     arguments of `search.vllm` over our defaults (the CPU ones without a GPU)."""
-    from csr_plugin.sampler.vllm_engine import engine_args
+    from csr_plugin.sampling.vllm_engine import engine_args
 
     model = recipe.model
-    image_token = getattr(processor, "image_token_id", None)
+    image_token = processor_image_token_id(processor)
     gpus = 1 if use_gpu else 0
     kwargs = dict(
         model=model.path, tensor_parallel_size=1, seed=recipe.search.seed, distributed_executor_backend="uni",
         enable_prefix_caching=True, trust_remote_code=model.trust_remote_code,
-        dtype={"auto": "bfloat16"}.get(model.dtype, model.dtype),  # vLLM's own auto would pick fp16 for fp32
+        dtype=vllm_dtype(model.dtype),
         max_model_len=_context_length(model.path, model.trust_remote_code), limit_mm_per_prompt={"image": 1},
         full_determinism=False, bundle_indices=None, num_gpus=gpus, agent_func_path=str(AGENT_FILE),
         remote_rm_url=None, mm_pad_token_ids={image_token} if image_token is not None else set())
@@ -78,8 +76,7 @@ class OpenRLHFEngines:
     def __init__(self, recipe: Recipe, use_gpu: bool, extra_env: dict):
         from transformers import AutoProcessor
 
-        from csr_plugin.ray_sampling import actor_recipe
-        from csr_plugin.sampler.vllm_engine import cpu_env, import_vllm
+        from csr_plugin.sampling.vllm_engine import cpu_env, import_vllm
 
         import_vllm()  # the driver unpickles vLLM objects and imports OpenRLHF's actor module
         from openrlhf.trainer.ray.vllm_engine import RolloutRayActor

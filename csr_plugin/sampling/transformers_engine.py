@@ -14,16 +14,17 @@ token, so R_T needs no extra pass.
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from csr_plugin.config import ModelConfig, SearchConfig
+from csr_plugin.model_source import check_model_path, context_length, dtype_name
 from csr_plugin.multimodal import batch_inputs, chat_prompt, encode_prompt, family_of, mrope_positions
 from csr_plugin.reward.clip_relevance import resolve_device
-from csr_plugin.sampler.engine import Continuation, EncodedPrompt, Expansion, added_text, never_sampled_ids, stable_seed
-from csr_plugin.sampler.sentence_end import sentence_end_token_ids
+from csr_plugin.sampling.engine import (Continuation, EncodedPrompt, Expansion, added_text, never_sampled_ids,
+                                       stable_seed)
+from csr_plugin.sampling.sentence_end import sentence_end_token_ids
 
 
 
@@ -56,18 +57,14 @@ def counter_gumbel(row_seeds: torch.Tensor, step: int, vocab: int) -> torch.Tens
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+    return getattr(torch, dtype_name(name, gpu=device.type == "cuda"))
 
 
 def load_vlm(cfg: ModelConfig):
     """(model, processor) through the same Auto classes for a tiny test model and LLaVA-1.5-7B."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    local = Path(cfg.path).expanduser()
-    if not local.exists() and (cfg.path.startswith((".", "/", "~")) or cfg.path.count("/") > 1):
-        raise FileNotFoundError(f"model.path {cfg.path!r} does not exist; give a local HF model folder or hub id.")
+    check_model_path(cfg.path)
     family_of(AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code))  # fail before weights
     device = resolve_device(cfg.device)
     processor = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
@@ -82,13 +79,6 @@ def _sliding_window(config) -> Optional[int]:
     sliding = any(t == "sliding_attention" for t in (getattr(text, "layer_types", None) or ())) or bool(
         getattr(text, "use_sliding_window", False))
     return getattr(text, "sliding_window", None) if sliding else None
-
-
-def _max_context(model, tokenizer) -> int:
-    text_config = getattr(model.config, "text_config", model.config)
-    limits = [getattr(text_config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-    limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**8]
-    return min(limits) if limits else 4096
 
 
 class _CachedPrompt:
@@ -115,7 +105,7 @@ class TransformersEngine:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.search = search
         self.device = next(model.parameters()).device
-        self.max_context = _max_context(model, self.tokenizer)
+        self.max_context = context_length(model.config, self.tokenizer)
         self.eos_ids = self._eos_ids()
         end_ids = sentence_end_token_ids(self.tokenizer, search.delimiters) - self.eos_ids
         vocab = model.get_output_embeddings().weight.shape[0]

@@ -1,0 +1,39 @@
+"""What a recipe's `model:` section resolves to, decided in one place for every engine and trainer."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+DEFAULT_CONTEXT = 4096   # when neither the config nor the tokenizer states a limit
+
+
+def check_model_path(path: str) -> Path:
+    """``path`` as a local folder, or left as a hub id; FileNotFoundError for a local-looking path that is absent."""
+    local = Path(path).expanduser()
+    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise FileNotFoundError(f"model.path {path!r} does not exist; give a local HF model folder or hub id.")
+    return local
+
+
+def dtype_name(dtype: str, gpu: bool) -> str:
+    """torch dtype name of a `dtype` setting: auto = bfloat16 on a GPU, float32 on CPU (no fast bf16 there)."""
+    if dtype == "auto":
+        return "bfloat16" if gpu else "float32"
+    return dtype
+
+
+def vllm_dtype(dtype: str) -> str:
+    """vLLM's dtype for a `model.dtype` setting: auto = bfloat16, since vLLM's own auto would turn a
+    float32 checkpoint into float16 (and its CPU build runs bfloat16)."""
+    return "bfloat16" if dtype == "auto" else dtype
+
+
+def context_length(config, tokenizer=None) -> int:
+    """The longest prompt + response the model takes: its text config's position limit and, if given,
+    the tokenizer's ``model_max_length`` (tokenizers without one report a huge sentinel, ignored)."""
+    text_config = getattr(config, "text_config", None) or config
+    limits: list[Optional[int]] = [getattr(text_config, "max_position_embeddings", None)]
+    if tokenizer is not None:
+        limits.append(getattr(tokenizer, "model_max_length", None))
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**8]
+    return min(limits) if limits else DEFAULT_CONTEXT

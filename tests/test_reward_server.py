@@ -1,16 +1,22 @@
 """CSR's response reward behind OpenRLHF's hooks: the scorer's arithmetic, its agreement with a
-plain forward, reward_func as OpenRLHF loads and calls it, and the HTTP server under load and abuse.
+plain forward, reward_func as OpenRLHF loads and calls it, and the HTTP server (FastAPI + uvicorn)
+under load and abuse: sizes, image paths, methods, clients that leave.
 
-Every socket is on 127.0.0.1.
+Every socket is on 127.0.0.1, on a free port the system picks (port 0).
 """
 from __future__ import annotations
 
 import asyncio
 import copy
 import http.client
+import inspect
 import json
+import logging
+import os
 import queue
 import re
+import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -20,9 +26,10 @@ import torch
 import yaml
 
 from csr_plugin.config import recipe_from_dict
-from csr_plugin.openrlhf.response_reward import (ResponseItem, ResponseRewardScorer, openrlhf_items,
-                                                 sentence_spans)
-from csr_plugin.openrlhf.reward_server import RewardServer, serve
+from csr_plugin.openrlhf.response_reward import (ResponseItem, ResponseRewardScorer, ScoredResponse,
+                                                 openrlhf_items, sentence_spans)
+from csr_plugin.openrlhf.reward_server import (DEFAULT_MAX_REQUEST_BYTES, DEFAULT_TIMEOUT_S,
+                                               OPENRLHF_CLIENT_TIMEOUT_S, RewardServer, serve)
 
 PROMPT = "USER: <image>\nDescribe the image in detail. ASSISTANT:"
 OTHER_PROMPT = "USER: <image>\nWhat shapes do you see? ASSISTANT:"
@@ -437,7 +444,7 @@ def test_timeout_gives_504_and_a_failed_batch_500(scorer, images):
         assert _post(server.port, _request(images[0]))[0] == 200
 
 
-def test_serve_binds_loopback_by_default_and_stops(scorer, tiny_recipe_dict, images):
+def test_serve_binds_loopback_by_default_and_stops(scorer, tiny_recipe_dict, images, caplog):
     server = RewardServer(scorer)
     try:
         assert server.host == "127.0.0.1" and server.port > 0
@@ -445,12 +452,189 @@ def test_serve_binds_loopback_by_default_and_stops(scorer, tiny_recipe_dict, ima
         server.stop()  # never started: closes the socket without waiting for a serve loop
 
     ready: queue.Queue = queue.Queue()
-    thread = threading.Thread(target=serve, args=(_recipe(tiny_recipe_dict),), kwargs={"ready": ready.put},
-                              daemon=True)
+    # 30 s, the former default: below OpenRLHF's client timeout, which serve() warns about.
+    thread = threading.Thread(target=serve, args=(_recipe(tiny_recipe_dict),),
+                              kwargs={"ready": ready.put, "timeout_s": 30.0}, daemon=True)
     thread.start()
     served = ready.get(timeout=120)
     assert served.host == "127.0.0.1"
+    assert any(r.levelno == logging.WARNING and "--timeout 30.0 s is not above OpenRLHF's 180.0 s" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
     assert _post(served.port, _request(images[0]))[0] == 200
     served.stop()
     thread.join(30)
     assert not thread.is_alive(), "serve() did not return after stop()"
+
+
+# ------------------------------------------------------------------ (g) limits: size, image paths, methods, leavers
+class EchoScorer:
+    """No model: a response's reward is its length in characters. Records every response it scores;
+    ``gate`` holds each batch until set. Like the real loader, image() refuses a file that is not there."""
+
+    image_token = "<image>"
+
+    def __init__(self, gate=None):
+        self.gate = gate
+        self.scored: list[str] = []
+        self.entered = threading.Event()
+
+    def image(self, path):
+        if not os.path.isfile(path):
+            raise ValueError(f"image not found: {path}")
+
+    def score(self, items):
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(30)
+        self.scored.extend(item.response_text for item in items)
+        return [ScoredResponse(float(len(item.response_text)), []) for item in items]
+
+
+@pytest.fixture
+def image_file(tmp_path) -> str:
+    path = tmp_path / "image.png"
+    path.write_bytes(b"")  # EchoScorer only checks that it exists
+    return str(path)
+
+
+def _send_raw(port, headers, parts=()):
+    """(status, JSON answer, Connection header) of a POST /get_reward sent as given: these headers, then
+    these body parts, and nothing more; a server waiting for more body would time this out."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("POST", "/get_reward", skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        for part in parts:
+            conn.send(part)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read()), response.getheader("Connection")
+    finally:
+        conn.close()
+
+
+def _padded(body: dict, size: int) -> bytes:
+    """``body`` as JSON of exactly ``size`` bytes (JSON allows trailing whitespace)."""
+    raw = json.dumps(body).encode()
+    assert len(raw) <= size
+    return raw + b" " * (size - len(raw))
+
+
+@pytest.mark.timeout(120)
+def test_bodies_over_the_limit_get_413_before_they_are_read(image_file):
+    limit = 1024
+    good = _request(image_file)
+    with RewardServer(EchoScorer(), max_request_bytes=limit) as server:
+        assert _post(server.port, _padded(good, limit))[0] == 200  # the limit itself is allowed
+        status, answer = _post(server.port, _padded(good, limit + 1))
+        assert status == 413 and "--max-request-bytes 1024" in answer["error"], answer
+        # 60 MB declared and none of it sent: only an answer from the header alone comes back in time.
+        status, answer, connection = _send_raw(server.port, {"Content-Length": str(60 << 20)})
+        assert (status, connection) == (413, "close") and f"{60 << 20} bytes" in answer["error"], answer
+        # A chunked body of unbounded length: four 512-byte chunks, no last chunk; cut once over 1024.
+        chunk = b"200\r\n" + b" " * 512 + b"\r\n"
+        status, answer, connection = _send_raw(server.port, {"Transfer-Encoding": "chunked"}, [chunk] * 4)
+        read = re.search(r"more than (\d+) bytes", answer["error"])
+        assert (status, connection) == (413, "close") and read and 1024 < int(read.group(1)) <= 2048, answer
+        raw = json.dumps(good).encode()  # a complete chunked body under the limit is served
+        status, answer, _ = _send_raw(server.port, {"Transfer-Encoding": "chunked"},
+                                      [b"%x\r\n%s\r\n0\r\n\r\n" % (len(raw), raw)])
+        assert status == 200 and answer["rewards"] == [len(" A red circle.")]
+
+
+@pytest.mark.timeout(120)
+def test_wrong_methods_get_405_naming_the_right_one(image_file):
+    with RewardServer(EchoScorer()) as server:
+        for method, path, allowed in (("GET", "/get_reward", "POST"), ("PUT", "/get_reward", "POST"),
+                                      ("POST", "/health", "GET")):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            conn.request(method, path, b"{}" if method != "GET" else None)
+            response = conn.getresponse()
+            answer = json.loads(response.read())
+            conn.close()
+            assert response.status == 405, (method, path, response.status, answer)
+            assert allowed in response.getheader("Allow") and f"method {method} not allowed" in answer["error"]
+            assert "POST /get_reward" in answer["error"]
+        assert _post(server.port, _request(image_file))[0] == 200
+
+
+@pytest.mark.timeout(120)
+def test_image_root_refuses_label_images_outside_it(tmp_path):
+    root, outside = tmp_path / "images", tmp_path / "elsewhere.png"
+    (root / "sub").mkdir(parents=True)
+    (root / "in.png").write_bytes(b"")
+    outside.write_bytes(b"")
+    (root / "link.png").symlink_to(outside)
+    scorer = EchoScorer()
+    with RewardServer(scorer, image_root=str(root)) as server:
+        assert _post(server.port, _request(str(root / "in.png")))[0] == 200
+        assert _post(server.port, _request(str(root / "sub" / ".." / "in.png")))[0] == 200  # '..' staying inside
+        for path in (outside, root / "link.png", root / ".." / "elsewhere.png"):
+            status, answer = _post(server.port, _request(str(path), " Outside."))
+            assert status == 403, (path, status, answer)
+            assert str(path) in answer["error"] and f"--image-root {root}" in answer["error"], answer
+    assert scorer.scored == [" A red circle.", " A red circle."]
+    with pytest.raises(ValueError, match="--image-root .*missing is not a directory"):
+        RewardServer(EchoScorer(), image_root=str(tmp_path / "missing"))
+
+
+@pytest.mark.timeout(120)
+def test_a_request_whose_client_left_is_not_scored(image_file, caplog):
+    caplog.set_level(logging.DEBUG, logger="csr_plugin.openrlhf.reward_server")
+    gate = threading.Event()
+    scorer = EchoScorer(gate=gate)
+    with RewardServer(scorer, max_batch=1) as server:
+        first = threading.Thread(target=_post, args=(server.port, _request(image_file, " First.")))
+        first.start()
+        assert scorer.entered.wait(10)  # the worker holds " First."
+        leaver = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        leaver.request("POST", "/get_reward", json.dumps(_request(image_file, " Left.")).encode())
+        _wait_until(lambda: _get(server.port, "/health")[1]["queued"] == 1)  # " Left." waits in the queue
+        leaver.close()  # as OpenRLHF's client does when its timeout fires
+        _wait_until(lambda: any("client left" in r.getMessage() for r in caplog.records))
+        gate.set()
+        first.join(30)
+        assert _post(server.port, _request(image_file, " Last."))[0] == 200
+    assert scorer.scored == [" First.", " Last."]
+
+
+def test_defaults_outlast_openrlhfs_client_and_the_cli_says_them(capsys):
+    from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+    from csr_plugin.cli import build_parser, main
+
+    # The client figures our timeout and docs cite, read from the installed OpenRLHF.
+    source = inspect.getsource(SingleTurnAgentExecutor._fetch_rewards_via_http)
+    assert float(re.search(r"ClientTimeout\(total=(\d+)\)", source).group(1)) == OPENRLHF_CLIENT_TIMEOUT_S
+    assert re.search(r"try_max_times=(\d+)", source).group(1) == "5"
+    assert DEFAULT_TIMEOUT_S > OPENRLHF_CLIENT_TIMEOUT_S
+    args = build_parser().parse_args(["serve-reward", "--config", "r.yaml"])
+    assert (args.host, args.timeout, args.max_request_bytes, args.image_root) == \
+        ("127.0.0.1", DEFAULT_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES, None)
+    with pytest.raises(SystemExit):
+        main(["serve-reward", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"--max-request-bytes MAX_REQUEST_BYTES larger request bodies get a 413 before they are read " \
+           f"(default: {DEFAULT_MAX_REQUEST_BYTES}" in help_text
+    assert "--image-root DIR" in help_text and f"(default: {DEFAULT_TIMEOUT_S}, above OpenRLHF's 180 s" in help_text
+
+
+@pytest.mark.timeout(120)
+def test_uvicorn_logs_to_loggers_not_the_terminal(image_file, capfd, caplog):
+    caplog.set_level(logging.INFO, logger="uvicorn.access")
+    with RewardServer(EchoScorer()) as server:
+        assert _post(server.port, _request(image_file))[0] == 200
+        assert _get(server.port, "/nope")[0] == 404
+    assert capfd.readouterr() == ("", "")  # uvicorn's default config would print these lines
+    assert [r.args[-1] for r in caplog.records if r.name == "uvicorn.access"] == [200, 404]
+
+
+def test_fastapi_is_imported_only_to_serve(monkeypatch):
+    code = ("import sys, csr_plugin.openrlhf.reward_server, csr_plugin.openrlhf.reward_func; "
+            "print(sorted(m for m in ('fastapi', 'starlette', 'uvicorn') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stdout.strip()) == (0, "[]"), run.stderr
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"fastapi is not installed: pip install 'csr-plugin\[serve\]'"):
+        RewardServer(EchoScorer())

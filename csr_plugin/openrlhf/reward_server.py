@@ -1,4 +1,4 @@
-"""HTTP reward server speaking OpenRLHF's remote reward-model protocol.
+"""HTTP reward server speaking OpenRLHF's remote reward-model protocol, on FastAPI + uvicorn.
 
 Pass ``--reward.remote_url http://HOST:PORT/get_reward`` to ``openrlhf.cli.train_ppo_ray``.
 One server holds one copy of the scoring VLM and CLIP for every vLLM engine,
@@ -10,28 +10,40 @@ Protocol, as ``SingleTurnAgentExecutor._fetch_rewards_via_http``
 ``{"rewards": [...], "scores": [...], "extra_logs": {"r_i": [...], "r_t": [...]}}``.
 The executor sends one response per request and many requests at once, so a
 single scoring thread batches responses across requests: the model sees large
-batches and is never used from two threads.
+batches and is never used from two threads. Errors are ``{"error": reason}``:
+400 malformed, 403 image outside ``--image-root``, 404 / 405 wrong path / method,
+411 no body, 413 body over ``--max-request-bytes``, 500 its batch failed,
+503 queue full, 504 not scored within ``--timeout``.
 
 Run: ``csr serve-reward --config recipe.yaml --port 5000``.
 """
-from __future__ import annotations
-
+import asyncio
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Callable, Optional, Sequence
-from urllib.parse import urlsplit
 
 from csr_plugin.config import Recipe
 from csr_plugin.openrlhf.response_reward import ResponseItem, ResponseRewardScorer, ScoredResponse, openrlhf_items
 
 log = logging.getLogger(__name__)
 
-_MAX_BODY = 64 << 20  # a request of thousands of long responses stays far below this
+# OpenRLHF 0.11.2's client (openrlhf/utils/agent.py, _fetch_rewards_via_http): line 331
+# `aiohttp.ClientTimeout(total=180)`; lines 347-358 try each request 5 times, 1 s apart, after any
+# error (a timeout, a 503, a 504). A server timeout under 180 s would answer 504 to a request the
+# client still waits for, and the client would only queue it again: the server waits longer, so a
+# client that gives up first disconnects, and a request whose client is gone is dropped unscored.
+OPENRLHF_CLIENT_TIMEOUT_S = 180.0
+DEFAULT_TIMEOUT_S = 200.0
+# OpenRLHF sends one response per request with its prompt twice (query and prompts), the image
+# placeholder expanded: at most ~0.4 MB (Qwen2.5-VL's largest image, 16,384 13-byte <|image_pad|>),
+# ~9 KB for LLaVA-1.5. 16 MiB takes ~40 of the former or ~1,800 of the latter in one request.
+DEFAULT_MAX_REQUEST_BYTES = 16 << 20
 _STOP = object()
 
 
@@ -51,10 +63,17 @@ class ScoringError(RuntimeError):
 @dataclass
 class _Job:
     items: list[ResponseItem]
+    on_done: Optional[Callable[[], None]] = None  # wakes an asyncio caller (the server's event loop)
     done: threading.Event = field(default_factory=threading.Event)
     results: Optional[list[ScoredResponse]] = None
     error: Optional[str] = None
-    abandoned: bool = False  # its caller timed out: do not spend the model on it
+    abandoned: bool = False  # its caller timed out or left: do not spend the model on it
+
+    def finish(self, results: Optional[list[ScoredResponse]] = None, error: Optional[str] = None) -> None:
+        self.results, self.error = results, error
+        self.done.set()
+        if self.on_done is not None:
+            self.on_done()
 
 
 class BatchingScorer:
@@ -74,19 +93,27 @@ class BatchingScorer:
     def queued(self) -> int:
         return self._queue.qsize()
 
-    def score(self, items: Sequence[ResponseItem], timeout_s: Optional[float] = None) -> list[ScoredResponse]:
-        if not items:
-            return []
-        job = _Job(list(items))
+    def submit(self, items: Sequence[ResponseItem], on_done: Optional[Callable[[], None]] = None) -> _Job:
+        """Queue ``items``; ``on_done()`` runs on the worker thread once they are scored (or failed)."""
+        job = _Job(list(items), on_done)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
             raise QueueFullError(f"reward queue full ({self._queue.maxsize} requests waiting); retry later or "
-                                 "start the server with a larger max_queue.") from None
+                                 "start the server with a larger --max-queue.") from None
+        return job
+
+    def score(self, items: Sequence[ResponseItem], timeout_s: Optional[float] = None) -> list[ScoredResponse]:
+        if not items:
+            return []
+        job = self.submit(items)
         if not job.done.wait(timeout_s):
             job.abandoned = True
-            raise ScoringTimeoutError(f"not scored within {timeout_s} s; the scorer is overloaded: add reward "
-                                      "servers or raise timeout_s.")
+            raise ScoringTimeoutError(_timeout_reason(timeout_s))
+        return self.result(job)
+
+    @staticmethod
+    def result(job: _Job) -> list[ScoredResponse]:
         if job.error is not None:
             raise ScoringError(job.error)
         return job.results
@@ -131,128 +158,227 @@ class BatchingScorer:
         except Exception as exc:  # fail this batch's requests, keep serving
             log.warning("reward batch of %d responses failed: %s: %s", len(items), type(exc).__name__, exc)
             for job in jobs:
-                job.error = f"scoring failed: {type(exc).__name__}: {exc}"
-                job.done.set()
+                job.finish(error=f"scoring failed: {type(exc).__name__}: {exc}")
             return
         log.debug("scored %d responses from %d requests in %.3f s, %d queued", len(items), len(jobs),
                   time.perf_counter() - started, self.queued)
         offset = 0
         for job in jobs:
-            job.results = results[offset:offset + len(job.items)]
+            job.finish(results[offset:offset + len(job.items)])
             offset += len(job.items)
-            job.done.set()
 
 
+def _timeout_reason(timeout_s) -> str:
+    return (f"not scored within {timeout_s} s; the scorer is overloaded: add reward servers or raise "
+            "--timeout.")
+
+
+# ------------------------------------------------------------------ the HTTP layer
 class _RequestError(ValueError):
-    def __init__(self, status: int, reason: str):
+    def __init__(self, status: int, reason: str, close: bool = False):
         super().__init__(reason)
         self.status = status
+        self.close = close  # part of the body is unread: end the connection rather than read the rest
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive for clients that reuse connections
-    timeout = 120  # drop idle keep-alive connections instead of holding a thread for each
-    server: "_HTTPServer"
+class _ClientGone(Exception):
+    """The client disconnected before its answer; nobody reads what is sent back."""
 
-    def log_message(self, format, *args) -> None:  # noqa: A002 - base-class signature
-        pass  # one debug line per batch instead (BatchingScorer)
 
-    def do_GET(self) -> None:
-        if urlsplit(self.path).path == "/health":
-            self._send(200, {"status": "ok", "queued": self.server.batcher.queued})
-        else:
-            self._send(404, {"error": f"unknown path {self.path!r}; use POST /get_reward or GET /health."})
+def _server_libs():
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise ImportError(f"csr serve-reward runs on FastAPI and uvicorn, and {exc.name} is not installed: "
+                          "pip install 'csr-plugin[serve]' (or: pip install fastapi uvicorn).") from exc
+    return uvicorn
 
-    def do_POST(self) -> None:
-        if urlsplit(self.path).path != "/get_reward":
-            self.close_connection = True  # the body is left unread
-            self._send(404, {"error": f"unknown path {self.path!r}; use POST /get_reward or GET /health."})
-            return
+
+def _answer(status: int, payload: dict, headers: Optional[dict] = None):
+    from fastapi import Response
+
+    # json.dumps, not JSONResponse: a reward of -inf (a token of probability 0) stays -Infinity,
+    # which OpenRLHF's aiohttp client parses, instead of failing the whole answer.
+    return Response(json.dumps(payload), status, headers, media_type="application/json")
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The body, refused as soon as it is known to exceed ``limit``: from Content-Length before a byte
+    of it is read, or while a chunked body streams in."""
+    declared = request.headers.get("content-length")
+    if declared is None and "chunked" not in request.headers.get("transfer-encoding", "").lower():
+        raise _RequestError(411, "send the JSON body with a Content-Length header (or chunked).")
+
+    def too_large(size: str) -> _RequestError:
+        return _RequestError(413, f"request body of {size} bytes is over the server's --max-request-bytes {limit}; "
+                                  "send fewer responses per request or restart the server with a larger "
+                                  "--max-request-bytes.", close=True)
+
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(declared)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large(f"more than {len(body)}")
+    return bytes(body)
+
+
+def _parse(body: bytes, scorer, image_root: Optional[Path]) -> list[ResponseItem]:
+    """Request body -> items, each image checked (under ``image_root``, readable); runs off the event loop."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _RequestError(400, f"body is not valid JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise _RequestError(400, 'body must be a JSON object {"query": [...], "prompts": [...], "labels": [...]}.')
+    missing = [key for key in ("query", "prompts", "labels") if key not in data]
+    if missing:
+        raise _RequestError(400, f"missing field(s) {', '.join(missing)}; send query, prompts and labels lists.")
+    items = openrlhf_items(data["query"], data["prompts"], data["labels"], scorer.image_token)
+    for item in items:
+        if image_root is not None:
+            resolved = Path(item.image).resolve()  # symlinks and '..' followed: a link out of the root is out
+            if not resolved.is_relative_to(image_root):
+                raise _RequestError(403, f"label image {item.image!r} (resolved: {resolved}) is outside "
+                                         f"--image-root {image_root}; send images under it or restart the "
+                                         "server with another --image-root.")
+        scorer.image(item.image)  # a bad image fails its own request, not a whole batch
+    return items
+
+
+async def _client_gone(request) -> None:
+    """Returns once the client disconnects: after the body, uvicorn's receive() waits for exactly that."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _score(batcher: BatchingScorer, items: list[ResponseItem], timeout_s: float, request):
+    loop = asyncio.get_running_loop()
+    scored = asyncio.Event()
+
+    def wake() -> None:
         try:
-            items = self._read_items()
-            for item in items:  # a bad image fails its own request, not a whole batch
-                self.server.batcher.scorer.image(item.image)
-            scored = self.server.batcher.score(items, self.server.timeout_s)
-        except (ValueError, QueueFullError, ScoringTimeoutError, ScoringError) as exc:
-            self._send(getattr(exc, "status", 400), {"error": str(exc)})  # a plain ValueError: bad input
-            return
+            loop.call_soon_threadsafe(scored.set)
+        except RuntimeError:  # the loop is closed: the server stopped while this batch was scored
+            pass
+
+    job = batcher.submit(items, wake)
+    waits = [asyncio.ensure_future(scored.wait()), asyncio.ensure_future(_client_gone(request))]
+    try:
+        done, _ = await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
+    if job.done.is_set():
+        return batcher.result(job)
+    job.abandoned = True  # if still queued, the worker skips it
+    if waits[1] in done:
+        log.debug("client left before its %d responses were scored; dropped", len(items))
+        raise _ClientGone
+    raise ScoringTimeoutError(_timeout_reason(timeout_s))
+
+
+def create_app(batcher: BatchingScorer, timeout_s: float, max_request_bytes: int, image_root: Optional[Path]):
+    from fastapi import FastAPI, Request
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+
+    # `request: Request` must be a real annotation for FastAPI (no `from __future__ import annotations` here).
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)  # two endpoints, nothing else answers
+
+    @app.exception_handler(HTTPException)
+    async def wrong_path_or_method(request: Request, exc: HTTPException):
+        reason = {404: f"unknown path {request.url.path!r}",
+                  405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+        return _answer(exc.status_code, {"error": f"{reason}; use POST /get_reward or GET /health."}, exc.headers)
+
+    @app.get("/health")
+    async def health():
+        return _answer(200, {"status": "ok", "queued": batcher.queued})
+
+    @app.post("/get_reward")
+    async def get_reward(request: Request):
+        try:
+            body = await _read_body(request, max_request_bytes)
+            items = await run_in_threadpool(_parse, body, batcher.scorer, image_root)
+            scored = await _score(batcher, items, timeout_s, request) if items else []
+        except (ClientDisconnect, _ClientGone):
+            return _answer(499, {"error": "client closed the request"})  # nginx's code; only the access log sees it
+        except (ValueError, QueueFullError, ScoringTimeoutError, ScoringError) as exc:  # a plain ValueError: bad input
+            status = getattr(exc, "status", 400)
+            headers = {"Connection": "close"} if getattr(exc, "close", False) else \
+                {"Retry-After": "1"} if status == 503 else None
+            return _answer(status, {"error": str(exc)}, headers)
         rewards = [s.reward for s in scored]
-        self._send(200, {"rewards": rewards, "scores": rewards,
-                         "extra_logs": {"r_i": [s.r_i for s in scored], "r_t": [s.r_t for s in scored]}})
+        return _answer(200, {"rewards": rewards, "scores": rewards,
+                             "extra_logs": {"r_i": [s.r_i for s in scored], "r_t": [s.r_t for s in scored]}})
 
-    def _read_items(self) -> list[ResponseItem]:
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            length = -1
-        if not 0 <= length <= _MAX_BODY:
-            self.close_connection = True
-            raise _RequestError(411 if length < 0 else 413,
-                                f"send a JSON body of at most {_MAX_BODY} bytes with a Content-Length header.")
-        try:
-            data = json.loads(self.rfile.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise _RequestError(400, f"body is not valid JSON ({exc}).") from None
-        if not isinstance(data, dict):
-            raise _RequestError(400, 'body must be a JSON object {"query": [...], "prompts": [...], "labels": [...]}.')
-        missing = [key for key in ("query", "prompts", "labels") if key not in data]
-        if missing:
-            raise _RequestError(400, f"missing field(s) {', '.join(missing)}; send query, prompts and labels lists.")
-        return openrlhf_items(data["query"], data["prompts"], data["labels"], self.server.batcher.scorer.image_token)
-
-    def _send(self, status: int, payload: dict) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    # Many rollout workers connect at once; the default backlog of 5 would drop their SYNs.
-    request_queue_size = 512
-
-    def __init__(self, address: tuple[str, int], batcher: BatchingScorer, timeout_s: float):
-        self.batcher = batcher
-        self.timeout_s = timeout_s
-        super().__init__(address, _Handler)
+    return app
 
 
 class RewardServer:
-    """The HTTP server around a scorer; binds at construction, so ``port`` is known before serving."""
+    """uvicorn serving ``create_app`` around a scorer; binds at construction, so ``port`` is known
+    before serving (port 0: a free one)."""
 
     def __init__(self, scorer, host: str = "127.0.0.1", port: int = 0, max_batch: int = 64,
-                 max_queue: int = 1024, timeout_s: float = 30.0):
+                 max_queue: int = 1024, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, image_root: Optional[str] = None):
+        uvicorn = _server_libs()
         if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}.")
+            raise ValueError(f"timeout_s (--timeout) must be > 0, got {timeout_s}.")
+        if max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes (--max-request-bytes) must be >= 1, got {max_request_bytes}.")
+        root = None
+        if image_root is not None:
+            root = Path(image_root).resolve()
+            if not root.is_dir():
+                raise ValueError(f"--image-root {image_root} is not a directory; give the folder the label "
+                                 "images are under.")
+        # Many rollout workers connect at once: a deep backlog keeps their SYNs.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.create_server((host, port), family=family, backlog=2048)
         self._batcher = BatchingScorer(scorer, max_batch, max_queue)
-        self._httpd = _HTTPServer((host, port), self._batcher, timeout_s)
+        app = create_app(self._batcher, timeout_s, max_request_bytes, root)
+        # log_config=None: uvicorn's records, access lines included, go to the `uvicorn.*` loggers,
+        # which the CLI shows only with --verbose, instead of its own handlers on stdout / stderr.
+        # The graceful-shutdown bound keeps a stuck scorer from holding Ctrl-C.
+        self._server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="off",
+                                                     timeout_graceful_shutdown=5))
         self._thread: Optional[threading.Thread] = None
-        self._serving = False
-        self._stopped = False
         self._lock = threading.Lock()
+        self._running = self._stopped = False
 
     @property
     def host(self) -> str:
-        return self._httpd.server_address[0]
+        return self._socket.getsockname()[0]
 
     @property
     def port(self) -> int:
-        return self._httpd.server_address[1]
+        return self._socket.getsockname()[1]
 
     def run(self) -> None:
         """Serve in this thread until ``stop`` (from another thread) or Ctrl-C."""
-        self._serving = True
-        self._httpd.serve_forever(poll_interval=0.2)
+        with self._lock:
+            if self._stopped:
+                return
+            self._running = True
+        try:
+            self._server.run(sockets=[self._socket])
+        finally:
+            self._socket.close()
 
     def start(self) -> "RewardServer":
-        """Serve in a background thread."""
-        self._serving = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="csr-reward-http", daemon=True)
+        """Serve in a background thread; returns once requests are answered."""
+        self._thread = threading.Thread(target=self.run, name="csr-reward-http", daemon=True)
         self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the reward server did not start; see the uvicorn log (csr --verbose serve-reward).")
+            time.sleep(0.01)
         return self
 
     def stop(self) -> None:
@@ -260,12 +386,13 @@ class RewardServer:
             if self._stopped:
                 return
             self._stopped = True
-        if self._serving:  # shutdown() waits for serve_forever, which would never come otherwise
-            self._httpd.shutdown()
-        self._httpd.server_close()
-        self._batcher.close()
+            running = self._running
+        self._server.should_exit = True
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=30)
+        if not running:  # never served: only the bound socket to release
+            self._socket.close()
+        self._batcher.close()
 
     def __enter__(self) -> "RewardServer":
         return self.start()
@@ -275,9 +402,17 @@ class RewardServer:
 
 
 def serve(recipe: Recipe, host: str = "127.0.0.1", port: int = 0, max_batch: int = 64, max_queue: int = 1024,
-          timeout_s: float = 30.0, ready: Optional[Callable[[RewardServer], None]] = None) -> None:
+          timeout_s: float = DEFAULT_TIMEOUT_S, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+          image_root: Optional[str] = None, ready: Optional[Callable[[RewardServer], None]] = None) -> None:
     """Load the scorer and serve until stopped; ``ready(server)`` runs once the port is bound."""
-    server = RewardServer(ResponseRewardScorer.from_recipe(recipe), host, port, max_batch, max_queue, timeout_s)
+    _server_libs()  # before minutes of model loading
+    if timeout_s <= OPENRLHF_CLIENT_TIMEOUT_S:
+        log.warning("--timeout %s s is not above OpenRLHF's %s s client timeout: a request its client still "
+                    "waits for is answered 504 and retried (5 tries), queueing the work again; keep the default "
+                    "%s s unless the clients are not OpenRLHF's.", timeout_s, OPENRLHF_CLIENT_TIMEOUT_S,
+                    DEFAULT_TIMEOUT_S)
+    server = RewardServer(ResponseRewardScorer.from_recipe(recipe), host, port, max_batch, max_queue, timeout_s,
+                          max_request_bytes, image_root)
     log.info("CSR reward server on http://%s:%d/get_reward", server.host, server.port)
     try:
         if ready is not None:
@@ -287,4 +422,3 @@ def serve(recipe: Recipe, host: str = "127.0.0.1", port: int = 0, max_batch: int
         pass
     finally:
         server.stop()
-

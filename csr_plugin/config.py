@@ -209,17 +209,33 @@ class DPOConfig:
     gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", default=False)
     dtype: Literal["auto", "bf16", "fp32"] = _help("auto = bf16 on GPU, fp32 on CPU.", default="auto")
     attn_implementation: str = _help("transformers attention: sdpa, eager, flash_attention_2.", default="sdpa")
-    ckpt_steps: int = _help("Save a resumable DeepSpeed checkpoint every N optimizer steps (0 = only at the "
-                            "end).", default=20)
+    ckpt_steps: int = _help("Save a resumable DeepSpeed checkpoint (ds_ckpt/) every N optimizer steps, "
+                            "OpenRLHF's --ckpt.save_steps (0 = none while training).", default=20)
+    keep_ds_ckpt: bool = _help("Keep ds_ckpt/ (weights, optimizer and scheduler state) when the run finishes, "
+                               "with the last step saved; false removes it, as it only serves to resume the run.",
+                               default=False)
+    hf_ckpt_steps: int = _help(
+        "Also save an HF checkpoint every N optimizer steps to hf_ckpt/global_step<N>/ (0 = off): like OpenRLHF's "
+        "--ckpt.save_hf with --ckpt.save_steps, but its own interval and folder, saved as final/ is (lora_merge, "
+        "hub key layout, .complete marker).", default=0)
+    lora_merge: bool = _help("With lora_rank > 0: merge the adapter into the weights (in the model's own dtype), "
+                             "so final/ is a plain HF checkpoint; false keeps the PEFT adapter in final/ "
+                             "(load with peft on top of the base model; `csr run` needs true).", default=True)
     kl_chunk: int = _help("Positions per chunk when TDPO computes its per-position KL (bounds memory).",
                           default=256)
     seed: int = _help("Data order and initialisation seed.", default=42)
+    openrlhf: dict = _help(
+        "OpenRLHF train_dpo flags passed verbatim, dotted or nested ({ds.adam_offload: true}); refused when a key "
+        "above sets the flag or csr's DPO worker does not act on it (docs/openrlhf.md).", default_factory=dict)
 
     def validate(self, where: str) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"`{where}.zero_stage` must be 0, 1, 2 or 3, got {self.zero_stage}.")
         _at_least(self, where, 1, ("nproc", "epochs", "micro_batch", "batch", "max_len", "kl_chunk"))
-        _at_least(self, where, 0, ("lora_rank", "ckpt_steps", "weight_decay", "max_norm"))
+        _at_least(self, where, 0, ("lora_rank", "ckpt_steps", "hf_ckpt_steps", "weight_decay", "max_norm"))
+        if not self.lora_merge and self.lora_rank == 0:
+            raise ConfigError(f"`{where}.lora_merge: false` keeps a LoRA adapter, but `{where}.lora_rank` is 0 "
+                              f"(full fine-tuning, no adapter): set `{where}.lora_rank` > 0 or remove lora_merge.")
         if self.beta <= 0 or self.lr <= 0:
             raise ConfigError(f"`{where}.beta` and `{where}.lr` must be > 0, got {self.beta} and {self.lr}.")
         if self.nll_loss_coef < 0:
@@ -232,6 +248,57 @@ class DPOConfig:
         if self.batch % self.micro_batch:
             raise ConfigError(f"`{where}.batch` ({self.batch}) must be a multiple of micro_batch "
                               f"({self.micro_batch}) times the number of processes.")
+
+
+@dataclass
+class RewardModelConfig:
+    """`csr train-rm`: a multimodal Bradley-Terry reward model (VLM backbone + scalar head), docs/reward-model.md."""
+    pairs: str = _help("Preference pairs JSONL (the format of dpo.pairs) to train on; `csr train-rm --pairs` "
+                       "overrides it (OpenRLHF's --data.dataset).", default="")
+    head: Literal["linear", "mlp2"] = _help(
+        "Head on the last non-padding token's final hidden state: linear = Linear(hidden, 1) (OpenRLHF's value "
+        "head, --ds.value_head_prefix score); mlp2 = Linear(hidden, hidden) -> SiLU -> Linear(hidden, 1) "
+        "(BaseReward).", default="linear")
+    margin: float = _help("Bradley-Terry margin m in -log sigmoid(r_chosen - r_rejected - m), for every pair "
+                          "(OpenRLHF's --model.margin_loss_enable takes it per pair from the data). 0 = plain BT.",
+                          default=0.0)
+    partial: bool = _help("PARGS: train on chosen and rejected cut at the same response token count, every cut "
+                          "length of every pair once per epoch (docs/reward-model.md); false = full responses.",
+                          default=False)
+    eval_fraction: float = _help("Share of the pairs held out (chosen by a hash of the pair id, the same on every "
+                                 "run) for the per-epoch held-out accuracy in rm_metrics.jsonl; 0 = none.",
+                                 default=0.1)
+    nproc: int = _help("Processes `csr train-rm` starts on this machine (GPUs, or CPU ranks with gloo).", default=2)
+    zero_stage: int = _help("DeepSpeed ZeRO stage (OpenRLHF's --ds.zero_stage).", default=3)
+    lr: float = _help("Peak learning rate, cosine schedule with 3% warm-up (OpenRLHF's --adam.lr).", default=9.0e-6)
+    epochs: int = _help("Passes over the training pairs (OpenRLHF's --train.max_epochs).", default=1)
+    micro_batch: int = _help("Pairs per process per forward (OpenRLHF's --train.micro_batch_size).", default=1)
+    batch: int = _help("Pairs (with rm.partial: cut pairs) per optimizer step, all processes together "
+                       "(OpenRLHF's --train.batch_size).", default=8)
+    max_len: int = _help("Longest prompt + response in tokens; longer responses are cut (OpenRLHF's "
+                         "--data.max_len).", default=2048)
+    lora_rank: int = _help("LoRA rank on the language model's linear layers (0 = full fine-tuning; OpenRLHF's "
+                           "--ds.lora.rank). The head always trains; final/ holds the adapter merged.", default=0)
+    lora_alpha: int = _help("LoRA alpha (OpenRLHF's --ds.lora.alpha).", default=16)
+    freeze_vision: bool = _help("Keep the vision tower frozen (the projector, LM and head train).", default=True)
+    dtype: Literal["auto", "bf16", "fp32"] = _help("auto = bf16 on GPU, fp32 on CPU (OpenRLHF's --ds.param_dtype).",
+                                                   default="auto")
+    seed: int = _help("Data order and head initialisation seed (OpenRLHF's --train.seed).", default=42)
+    ckpt_steps: int = _help("Save a resumable DeepSpeed checkpoint (ds_ckpt/) every N optimizer steps, OpenRLHF's "
+                            "--ckpt.save_steps (0 = none while training).", default=20)
+
+    def validate(self, where: str) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"`{where}.zero_stage` must be 0, 1, 2 or 3, got {self.zero_stage}.")
+        _at_least(self, where, 1, ("nproc", "epochs", "micro_batch", "batch", "max_len"))
+        _at_least(self, where, 0, ("lora_rank", "ckpt_steps", "margin"))
+        if self.lr <= 0:
+            raise ConfigError(f"`{where}.lr` must be > 0, got {self.lr}.")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"`{where}.eval_fraction` must be in [0, 1), got {self.eval_fraction}.")
+        if self.batch % (self.micro_batch * self.nproc):
+            raise ConfigError(f"`{where}.batch` ({self.batch}) must be a multiple of micro_batch x nproc "
+                              f"({self.micro_batch} x {self.nproc}).")
 
 
 @dataclass
@@ -279,6 +346,9 @@ class PPOConfig:
     ray_address: str = _help("Ray cluster for `csr train-ppo` (empty = start a local one; `auto` = the "
                              "running cluster).", default="")
     seed: int = _help("Seed.", default=42)
+    openrlhf: dict = _help(
+        "OpenRLHF train_ppo_ray flags passed verbatim, dotted or nested ({ref.offload: true}); refused when a "
+        "recipe key sets the flag; checked by train_ppo_ray's own parser (docs/openrlhf.md).", default_factory=dict)
 
     def validate(self, where: str) -> None:
         _at_least(self, where, 1, ("n_samples_per_prompt", "rollout_batch", "micro_rollout_batch", "train_batch",
@@ -300,6 +370,33 @@ class PPOConfig:
         if self.train_batch % self.micro_train_batch:
             raise ConfigError(f"`{where}.train_batch` ({self.train_batch}) must be a multiple of "
                               f"`{where}.micro_train_batch` ({self.micro_train_batch}).")
+
+
+@dataclass
+class LoggingConfig:
+    """Experiment tracking of `csr train-dpo`, `csr run` and `csr train-ppo`: OpenRLHF's --logger.* flags."""
+    wandb: bool = _help("Log to Weights & Biases: sets OpenRLHF's --logger.wandb.key, which is what switches "
+                        "wandb on (to a placeholder: the key itself comes from `wandb login` or WANDB_API_KEY).",
+                        default=False)
+    wandb_mode: Literal["offline", "online"] = _help(
+        "offline: no network, run files under the run's folder (<output folder>/wandb/offline-run-*; `wandb sync` "
+        "uploads them later); online: needs `wandb login` or WANDB_API_KEY. Sets WANDB_MODE for the trainer.",
+        default="offline")
+    wandb_project: str = _help("W&B project (--logger.wandb.project).", default="csr")
+    wandb_org: Optional[str] = _help("W&B entity (--logger.wandb.org); null = your default entity.", default=None)
+    wandb_group: Optional[str] = _help("W&B run group (--logger.wandb.group).", default=None)
+    wandb_run_name: str = _help(
+        "W&B run name (--logger.wandb.run_name), also TensorBoard's subfolder; empty = the output folder's name, "
+        "and `csr run` adds -iter_<t> per iteration.", default="")
+    tensorboard: bool = _help("Write TensorBoard event files to <output folder>/tensorboard/<run name>/ "
+                              "(--logger.tensorboard_dir).", default=False)
+    steps: int = _help("Log to wandb / TensorBoard every N optimizer steps (--logger.logging_steps); "
+                       "dpo_metrics.jsonl keeps every step.", default=1)
+
+    def validate(self, where: str) -> None:
+        _at_least(self, where, 1, ("steps",))
+        if not self.wandb_project:
+            raise ConfigError(f"`{where}.wandb_project` must not be empty; name a W&B project, e.g. csr.")
 
 
 @dataclass
@@ -340,8 +437,10 @@ class Recipe:
     curation: CurationConfig = field(default_factory=CurationConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    rm: RewardModelConfig = field(default_factory=RewardModelConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # YAML keys that are Python keywords are stored with a trailing underscore.
@@ -349,7 +448,12 @@ _KEY_TO_FIELD = {"lambda": "lambda_"}
 _FIELD_TO_KEY = {v: k for k, v in _KEY_TO_FIELD.items()}
 
 
-_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def field_key(name: str) -> str:
+    """The recipe key of a dataclass field (``lambda_`` -> ``lambda``)."""
+    return _FIELD_TO_KEY.get(name, name)
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -378,7 +482,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return value
     if annotation is float:
         # YAML 1.1 (PyYAML) reads 3e-4 or 1E5 without a dot as a string: take what people type
-        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        if isinstance(value, str) and EXPONENT_NUMBER.fullmatch(value.strip()):
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"`{where}` must be a number, got {value!r}.")

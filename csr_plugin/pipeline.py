@@ -112,10 +112,11 @@ def run(config_path: str, overrides: list[str] | None = None, on_iteration=None)
     """All iterations; ``on_iteration(row)`` is called as each one finishes (the demo prints it)."""
     from csr_plugin.run_logs import say, subprocess_log
     from csr_plugin.training.dpo_main import is_complete
-    from csr_plugin.training.launch import run_dpo
+    from csr_plugin.training.launch import preflight, run_dpo
 
     overrides = list(overrides or [])
     recipe = load_recipe(config_path, overrides)
+    preflight(recipe, loop=True)
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, hallucination = [], []

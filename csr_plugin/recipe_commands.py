@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import shlex
+
+import yaml
 from pathlib import Path
 
 from csr_plugin.config import Recipe
@@ -72,12 +74,60 @@ def show(recipe: Recipe, config_path: str, overrides: list[str]) -> str:
     return "\n".join(lines)
 
 
+DPO_WORKER = "csr's DPO worker (its OpenRLHF strategy and DPOTrainer namespace)"
+
+
+def uses_ppo(config_path: str, overrides: list[str]) -> bool:
+    """Whether the recipe configures PPO at all: a `ppo:` section or a `ppo.` override."""
+    with open(config_path) as f:
+        data = yaml.safe_load(f) or {}
+    return "ppo" in data or any(o.split("=", 1)[0].strip().startswith("ppo.") for o in overrides)
+
+
 def check(recipe: Recipe, config_path: str, overrides: list[str]) -> list[str]:
-    """Parse the generated OpenRLHF flags with OpenRLHF's own entry points; returns what was checked."""
+    """Check each trainer's flags with the entry point that will run them; returns what was checked.
+
+    DPO runs in our worker (csr_plugin.training.dpo_main), which builds OpenRLHF's namespace itself: its
+    flags, `dpo.openrlhf` included, are built and hierarchized as the worker does. PPO runs OpenRLHF's
+    train_ppo_ray, whose own parser and assertions check them (that module imports vLLM); a recipe
+    without a `ppo:` section is not checked for PPO, so a DPO-only recipe checks where vLLM is absent.
+    """
     from csr_plugin.openrlhf.cli_args import parse_openrlhf_args
     from csr_plugin.openrlhf.ppo import PPO_MODULE, ppo_dir, ppo_flags
+    from csr_plugin.training.openrlhf_args import as_namespace
 
-    parse_openrlhf_args("openrlhf.cli.train_dpo", dpo_iteration(recipe, config_path, overrides, 1)["openrlhf_dpo_flags"])
-    parse_openrlhf_args(PPO_MODULE, to_argv(ppo_flags(recipe, ppo_dir(recipe) / "prompts.jsonl")))
-    return ["openrlhf.cli.train_dpo", PPO_MODULE]
+    as_namespace(dpo_flags(recipe.dpo, recipe.model.path, "pairs.jsonl", "dpo", gpu=True, logging=recipe.logging))
+    checked = [DPO_WORKER]
+    if uses_ppo(config_path, overrides):
+        parse_openrlhf_args(PPO_MODULE, to_argv(ppo_flags(recipe, ppo_dir(recipe) / "prompts.jsonl")))
+        checked.append(PPO_MODULE)
+    return checked
 
+
+def named_flags_markdown() -> str:
+    """The recipe keys that set OpenRLHF flags, as found from the flag builders (docs/openrlhf.md holds this)."""
+    import dataclasses
+
+    from csr_plugin.config import Recipe
+    from csr_plugin.openrlhf.ppo import _own_ppo_flags
+    from csr_plugin.passthrough import controlled_flags
+    from csr_plugin.training.openrlhf_args import _own_dpo_flags
+
+    recipe = Recipe()
+    tables = [
+        ("`csr train-dpo` / `csr run` (csr's DPO worker)", {"dpo": recipe.dpo},
+         lambda s: _own_dpo_flags(s["dpo"], "model", "pairs", "out", True, None)),
+        ("`csr train-ppo` (OpenRLHF's train_ppo_ray)", {"ppo": recipe.ppo, "search": recipe.search,
+                                                        "model": recipe.model},
+         lambda s: _own_ppo_flags(dataclasses.replace(recipe, **s), "prompts.jsonl")),
+    ]
+    lines = []
+    for title, sections, build in tables:
+        by_key: dict[str, list[str]] = {}
+        for flag, keys in controlled_flags(build, sections).items():
+            for key in keys.split(" and "):
+                by_key.setdefault(key, []).append(flag)
+        lines += [f"{title}:", "", "| recipe key | OpenRLHF flag(s) |", "| --- | --- |"]
+        lines += [f"| `{key}` | {', '.join(f'`--{f}`' for f in sorted(flags))} |" for key, flags in by_key.items()]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

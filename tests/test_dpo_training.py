@@ -70,9 +70,9 @@ def test_dataset_tokenises_like_the_sampler(tiny_model_and_processor, hand_pairs
     assert item["chosen_ids"][-1] == eos and item["rejected_ids"][-1] == eos
     assert processor.tokenizer.decode(item["chosen_ids"], skip_special_tokens=True).strip() == \
         "There is a red circle."
-    chosen, c_mask, rejected, r_mask, lengths = dataset.collate_fn([dataset[0], dataset[1]])
-    assert chosen.shape[0] == 2 and list(lengths) == [len(item["prompt_ids"])] * 2
-    assert lengths.image_inputs["pixel_values"].shape[0] == 2
+    chosen, c_mask, rejected, r_mask, prompts = dataset.collate_fn([dataset[0], dataset[1]])
+    assert chosen.shape[0] == 2 and prompts.lengths == [len(item["prompt_ids"])] * 2
+    assert prompts.image_inputs["pixel_values"].shape[0] == 2
     assert int(c_mask[0].sum()) == len(item["prompt_ids"]) + len(item["chosen_ids"])
 
 

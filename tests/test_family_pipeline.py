@@ -98,10 +98,17 @@ def test_trainer_logprobs_equal_plain_forwards_in_a_micro_batch_of_two(family, f
     ds_config = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}
     actor = load_actor(str(path), DPOConfig(), ds_config, trainable=False).eval()
     trainer = object.__new__(MultimodalDPOTrainer)   # the forward only: no strategy, optimizer or loop
-    trainer.tokenizer, trainer.ref_model, trainer.loss_name = processor, actor, "dpo"
-    trainer._reference, trainer._margins = None, []
+    trainer.tokenizer, trainer.model, trainer.ref_model, trainer.loss_name = processor, actor, actor, "dpo"
     with torch.no_grad():
-        chosen_logps, rejected_logps, _, _ = trainer.concatenated_forward(actor, *batch)
+        # the joint call training makes (policy and reference: here one model, so both must agree) ...
+        joint = trainer.policy_and_reference_forward(*batch)
+        chosen_logps, rejected_logps = joint.chosen_logps, joint.rejected_logps
+        assert torch.equal(joint.ref_chosen_logps, chosen_logps)
+        assert torch.equal(joint.ref_rejected_logps, rejected_logps)
+        # ... and a reference forward alone, the answer to a reference request without its policy request
+        trainer._joint = None
+        alone = trainer.concatenated_forward(actor, *batch)
+        assert torch.allclose(alone[0], chosen_logps) and torch.allclose(alone[1], rejected_logps)
 
         # Every position, the prompt's included: Gemma3's bidirectional image block barely moves the
         # response of a random tiny model (~1e-4) but moves the image positions themselves by ~0.1.

@@ -74,9 +74,9 @@ def test_pairs_carry_the_sampled_ids_and_training_uses_them(family, case, famili
     assert item["chosen_ids"] == chosen_ids                 # verbatim, the EOS the model sampled included
     assert item["rejected_ids"] == rejected_ids             # cut by max_sentences: trained without EOS
     assert item["chosen_ids"].count(eos) == 1
-    chosen, _, _, _, lengths = MultimodalPreferenceDataset(str(tmp_path / "pairs.jsonl"), processor,
+    chosen, _, _, _, prompts = MultimodalPreferenceDataset(str(tmp_path / "pairs.jsonl"), processor,
                                                            512).collate_fn([item])
-    assert chosen[0].tolist() == item["prompt_ids"] + chosen_ids and list(lengths) == [len(item["prompt_ids"])]
+    assert chosen[0].tolist() == item["prompt_ids"] + chosen_ids and prompts.lengths == [len(item["prompt_ids"])]
 
     # The same pair as text only (a pairs file from before token ids): tokenized with its prompt
     # (as the chat template writes it) or apart (as before), the stored text need not give back

@@ -47,12 +47,12 @@ def _engine(built, **search):
 
 
 def test_the_module_imports_without_vllm_and_building_names_the_fix(monkeypatch):
-    import csr_plugin.sampler
+    import csr_plugin.sampling
 
     monkeypatch.setitem(sys.modules, "vllm", None)   # as if vllm were not installed
     # import the module afresh; the one other tests use comes back afterwards
     monkeypatch.delitem(sys.modules, "csr_plugin.sampling.vllm_engine")
-    monkeypatch.setattr(csr_plugin.sampler, "vllm_engine", csr_plugin.sampling.vllm_engine)
+    monkeypatch.setattr(csr_plugin.sampling, "vllm_engine", csr_plugin.sampling.vllm_engine)
     import csr_plugin.sampling.vllm_engine as fresh   # would raise here if it imported vllm at import time
 
     with pytest.raises(ImportError, match=r"`make setup` installs it .*or set search.engine: transformers"):

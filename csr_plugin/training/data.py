@@ -11,16 +11,18 @@ its image decoded and processed when a batch asks for it, so a rank's memory doe
 grow with the number of pairs.
 
 Batches keep the 5-tuple OpenRLHF's DPOTrainer unpacks
-(chosen_ids, chosen_mask, rejected_ids, rejected_mask, prompt_lengths); the pixel
-inputs ride on ``prompt_lengths`` (a list with an ``image_inputs`` attribute), so the
-trainer loop itself is OpenRLHF's, unmodified. Per-token inputs (Qwen's
-``mm_token_type_ids``, Gemma3's ``token_type_ids``) are not carried: OpenRLHF's
-``Actor.forward`` rebuilds them for the full padded sequences from the image token ids.
+(chosen_ids, chosen_mask, rejected_ids, rejected_mask, prompts), so the trainer loop
+itself is OpenRLHF's, unmodified. Its fifth item, text-only prompt lengths in OpenRLHF,
+is a :class:`PromptInputs` here: the lengths and the image tensors as two fields (the loop
+only hands it to our trainer's forward). Per-token inputs (Qwen's ``mm_token_type_ids``,
+Gemma3's ``token_type_ids``) are not carried: OpenRLHF's ``Actor.forward`` rebuilds them
+for the full padded sequences from the image token ids.
 """
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -34,10 +36,13 @@ log = logging.getLogger(__name__)
 LIMIT_FINISHES = ("max_sentences", "context", "length")
 
 
-class PromptLengths(list):
-    """Prompt token counts of a batch, carrying the batch's image inputs for the trainer."""
+@dataclass(eq=False)   # compared by identity: the trainer matches a reference result to its batch
+class PromptInputs:
+    """What a micro-batch's prompts add to its token ids: each row's prompt length (masked out of the
+    log-probs) and the image tensors of the rows, stacked along dim 0 (tiles padded across rows)."""
 
-    image_inputs: dict
+    lengths: list[int]
+    image_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _text_of(messages: list[dict]) -> str:
@@ -257,9 +262,9 @@ class MultimodalPreferenceDataset(Dataset):
 
         chosen_ids, chosen_mask = right_pad([it["prompt_ids"] + it["chosen_ids"] for it in items])
         rejected_ids, rejected_mask = right_pad([it["prompt_ids"] + it["rejected_ids"] for it in items])
-        lengths = PromptLengths(len(it["prompt_ids"]) for it in items)
-        lengths.image_inputs = concat_image_inputs([it["image_inputs"] for it in items])
-        return chosen_ids, chosen_mask, rejected_ids, rejected_mask, lengths
+        prompts = PromptInputs([len(it["prompt_ids"]) for it in items],
+                               concat_image_inputs([it["image_inputs"] for it in items]))
+        return chosen_ids, chosen_mask, rejected_ids, rejected_mask, prompts
 
 
 def load_processor(path: str, trust_remote_code: bool = False, padding_side: Optional[str] = "right"):

@@ -7,6 +7,7 @@ any launcher that sets the usual RANK / WORLD_SIZE / LOCAL_RANK variables:
 
 Resumable: a DeepSpeed checkpoint is saved every ``dpo.ckpt_steps`` optimizer steps and
 loaded on restart; a finished run leaves ``<out>/final/.complete`` and is not redone.
+What is saved where: checkpoints.py.
 """
 from __future__ import annotations
 
@@ -14,16 +15,17 @@ import argparse
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from csr_plugin.config import DPOConfig, Recipe, load_recipe
+from csr_plugin.training.checkpoints import (COMPLETE, hf_checkpoint_dir, remove_ds_ckpt, save_hf,
+                                             save_last_ds_ckpt)
 from csr_plugin.training.device import make_strategy, partition_while_loading
 from csr_plugin.training.openrlhf_args import as_namespace, dpo_flags
+from csr_plugin.training.tracking import check_wandb_login, wandb_env
 
-COMPLETE = ".complete"
 _VISION_PARTS = ("vision_tower", "vision_model", "visual.", "image_encoder")
 
 
@@ -96,48 +98,15 @@ def _mirror_tokenizer_fields(processor) -> None:
             setattr(processor, name, getattr(tokenizer, name))
 
 
-def checkpoint_dtype(model_path: str) -> torch.dtype:
-    """The dtype a checkpoint was saved in (its config's ``dtype``), fp32 when it does not say."""
-    from transformers import AutoConfig
-
-    dtype = getattr(AutoConfig.from_pretrained(model_path), "dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
-
-
-def _save_final(strategy, policy, processor, cfg: DPOConfig, model_path: str, final: Path) -> None:
-    strategy.save_model(policy, processor, str(final))
-    if cfg.lora_rank > 0 and strategy.is_rank_0():
-        # merge-on-save: the iterate is a plain HF checkpoint that the next stage loads as is
-        from peft import PeftModel
-        from transformers import AutoModelForImageTextToText
-
-        # Merged in fp32 (W + BA without rounding twice), saved in the base checkpoint's own dtype:
-        # a bf16 7B model stays 14 GB, not 28, and the next stage loads what it loaded before.
-        base = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
-        merged = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
-        merged.to(checkpoint_dtype(model_path))
-        for name in os.listdir(final):
-            if name.startswith("adapter_"):
-                os.remove(final / name)
-        merged.save_pretrained(final)
-        processor.save_pretrained(final)
-    if strategy.is_rank_0():
-        from csr_plugin.checkpoint_layout import to_hub_layout
-
-        to_hub_layout(final)  # the key layout vLLM loads; a toy model's start would keep transformers' own
-        (final / COMPLETE).write_text("done\n")
-    torch.distributed.barrier()
-
-
 def train_dpo(recipe: Recipe, model_path: str, pairs: str, out_dir: str) -> None:
     from csr_plugin.training.data import MultimodalPreferenceDataset, load_processor
     from csr_plugin.training.trainer import MultimodalDPOTrainer
 
     cfg = recipe.dpo
     out = Path(out_dir)
-    args = as_namespace(dpo_flags(cfg, model_path, pairs, out_dir))
+    check_wandb_login(recipe.logging)
+    os.environ.update(wandb_env(recipe.logging, out))   # read by wandb when OpenRLHF's trainer starts it
+    args = as_namespace(dpo_flags(cfg, model_path, pairs, out_dir, logging=recipe.logging))
     strategy = make_strategy(args)
     strategy.setup_distributed()
     if is_complete(out):
@@ -146,9 +115,11 @@ def train_dpo(recipe: Recipe, model_path: str, pairs: str, out_dir: str) -> None
     processor = load_processor(model_path, recipe.model.trust_remote_code)
     _mirror_tokenizer_fields(processor)
     policy = load_actor(model_path, cfg, strategy.get_ds_train_config(), True, recipe.model.trust_remote_code)
-    reference = load_actor(model_path, cfg, strategy.get_ds_eval_config(), False, recipe.model.trust_remote_code)
+    reference = load_actor(model_path, cfg, strategy.get_ds_eval_config(offload=args.ref.offload), False,
+                           recipe.model.trust_remote_code)
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": args.model.gradient_checkpointing_reentrant})
 
     dataset = MultimodalPreferenceDataset(pairs, processor, cfg.max_len)
     loader = strategy.setup_dataloader(dataset, cfg.micro_batch, True, True, dataset.collate_fn)
@@ -157,7 +128,7 @@ def train_dpo(recipe: Recipe, model_path: str, pairs: str, out_dir: str) -> None
         raise ValueError(f"{len(dataset)} usable pairs in {pairs} is fewer than dpo.batch={cfg.batch}; "
                          "lower dpo.batch or add pairs.")
     schedule = dict(optim="adam", muon={}, adam=vars(args.adam),
-                    lr_scheduler=cfg.lr_scheduler, lr_warmup_ratio=cfg.warmup_ratio, min_lr_ratio=0.1,
+                    lr_scheduler=cfg.lr_scheduler, lr_warmup_ratio=cfg.warmup_ratio, min_lr_ratio=args.min_lr_ratio,
                     max_norm=cfg.max_norm, scheduler_steps=math.ceil(cfg.epochs * steps_per_epoch))
     (policy, optimizer, scheduler), reference = strategy.prepare((policy, schedule), reference)
     partitioned = [p for p in policy.model.module.parameters() if hasattr(p, "ds_tensor")]
@@ -175,14 +146,21 @@ def train_dpo(recipe: Recipe, model_path: str, pairs: str, out_dir: str) -> None
     out.mkdir(parents=True, exist_ok=True)
     if strategy.is_rank_0():
         _truncate_metrics(metrics_path, consumed // cfg.batch)
+
+    def save_hf_checkpoint(global_step: int) -> None:
+        save_hf(strategy, policy, processor, cfg, model_path, hf_checkpoint_dir(out, global_step),
+                recipe.model.trust_remote_code)
+
     trainer = MultimodalDPOTrainer(
         model=policy, ref_model=reference, strategy=strategy, tokenizer=processor, optim=optimizer,
         train_dataloader=loader, eval_dataloader=None, scheduler=scheduler, max_norm=cfg.max_norm, beta=cfg.beta,
-        max_epochs=cfg.epochs, loss=cfg.loss, alpha=cfg.alpha, kl_chunk=cfg.kl_chunk, metrics_path=str(metrics_path))
+        max_epochs=cfg.epochs, loss=cfg.loss, alpha=cfg.alpha, kl_chunk=cfg.kl_chunk, metrics_path=str(metrics_path),
+        hf_ckpt_steps=cfg.hf_ckpt_steps, save_hf_checkpoint=save_hf_checkpoint)
     trainer.fit(args, consumed, steps_per_epoch)
-    _save_final(strategy, policy, processor, cfg, model_path, out / "final")
-    if strategy.is_rank_0():
-        shutil.rmtree(args.ckpt.path, ignore_errors=True)  # optimizer state is only for resuming this run
+    # fit's step counter runs on across epochs: its last optimizer step is this one
+    save_last_ds_ckpt(strategy, policy, args, cfg, cfg.epochs * len(loader) // strategy.accumulated_gradient)
+    save_hf(strategy, policy, processor, cfg, model_path, out / "final", recipe.model.trust_remote_code)
+    remove_ds_ckpt(strategy, args, cfg)
 
 
 def _truncate_metrics(path: Path, keep_until_step: int) -> None:

@@ -16,8 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from csr_plugin.config import Recipe
+from csr_plugin.config import ConfigError, Recipe
 from csr_plugin.run_logs import run_logged
+from csr_plugin.training.tracking import check_wandb_login
 
 
 def inside_distributed_launch() -> bool:
@@ -30,6 +31,15 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def preflight(recipe: Recipe, loop: bool = False) -> None:
+    """What would fail only once DPO starts, checked before anything runs (`csr run` samples for hours first)."""
+    check_wandb_login(recipe.logging)
+    if loop and not recipe.dpo.lora_merge:
+        raise ConfigError("`dpo.lora_merge: false` leaves each iterate as a LoRA adapter, but `csr run` samples "
+                          "with it and trains the next iteration from it as a whole model: set "
+                          "`dpo.lora_merge: true`, or train once with `csr train-dpo`.")
 
 
 def worker_command(recipe: Recipe, config_path: str, overrides: list[str], model: str, pairs: str,
@@ -54,6 +64,7 @@ def run_dpo(recipe: Recipe, config_path: str, overrides: list[str], model: str, 
     ``log_file``: the launcher's and every rank's stdout and stderr are appended there instead of the
     terminal (quiet mode); if DPO fails its last lines and path are printed.
     """
+    preflight(recipe)
     if inside_distributed_launch():
         from csr_plugin.training.dpo_main import train_dpo
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from csr_plugin.config import DPOConfig, LoggingConfig
 from csr_plugin.model_source import dtype_name
+from csr_plugin.passthrough import merge
 from csr_plugin.training.device import on_gpu
 from csr_plugin.training.tracking import logger_flags
 
@@ -22,9 +23,41 @@ def param_dtype(cfg: DPOConfig, gpu: bool | None = None) -> str:
     return cfg.dtype
 
 
+# Flags of the namespace our DPO worker builds that it does not act on: refused in `dpo.openrlhf`.
+DPO_NOT_READ = {
+    "ds.packing_samples": "csr's multimodal collate pads pairs; it does not pack them",
+    "ds.ring_attn_size": "ring attention needs packed samples",
+    "ds.load_in_4bit": "csr's VLM loader does not quantize",
+    "ds.use_liger_kernel": "csr's VLM loader does not use Liger kernels",
+    "train.full_determinism_enable": "csr's strategy is built without it; seeds come from dpo.seed",
+    "eval.dataset": "csr's DPO loop has no eval set; it trains on dpo.pairs",
+    "eval.steps": "csr's DPO loop has no eval set",
+    "ckpt.disable_ds": "csr resumes from ds_ckpt/ (dpo.ckpt_steps, dpo.keep_ds_ckpt)",
+    "ckpt.load_enable": "csr always resumes an interrupted run",
+    "optim": "csr's DPO worker runs Adam",
+}
+# Flags csr sets per run: the iterate, the pairs and the output folder of this iteration.
+DPO_RESERVED = {
+    "model.model_name_or_path": "the policy of this iteration", "ref.model_name_or_path": "the policy of this "
+    "iteration", "data.dataset": "dpo.pairs, or the pairs of this iteration", "ckpt.output_dir": "<output>/final",
+    "ckpt.path": "<output>/ds_ckpt", "ckpt.save_hf": "dpo.hf_ckpt_steps", "local_rank": "the launcher",
+    "logger.": "the recipe's logging: section",
+}
+
+
 def dpo_flags(cfg: DPOConfig, model_path: str, pairs: str, out_dir: str, gpu: bool | None = None,
               logging: LoggingConfig | None = None) -> dict:
-    """``gpu``: the machine the flags are for (None = this one); ``logging``: the recipe's section (None = off)."""
+    """Our named keys' flags with `dpo.openrlhf` applied. ``gpu``: the machine the flags are for (None = this
+    one); ``logging``: the recipe's section (None = off)."""
+    def build(sections: dict) -> dict:
+        return _own_dpo_flags(sections["dpo"], model_path, pairs, out_dir, gpu, logging)
+
+    return merge(build({"dpo": cfg}), cfg.openrlhf, "dpo.openrlhf", build, {"dpo": cfg}, DPO_RESERVED,
+                 DPO_NOT_READ)
+
+
+def _own_dpo_flags(cfg: DPOConfig, model_path: str, pairs: str, out_dir: str, gpu: bool | None,
+                   logging: LoggingConfig | None) -> dict:
     out = Path(out_dir)
     return {
         "model.model_name_or_path": model_path, "ref.model_name_or_path": model_path,

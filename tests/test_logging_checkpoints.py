@@ -72,6 +72,11 @@ def test_logging_is_off_by_default_and_its_flags_pass_openrlhf_parsers(tiny_reci
     args = parse_openrlhf_args(PPO_MODULE, to_argv(ppo_flags(on, "p.jsonl")))
     assert args.logger.wandb.key == "offline" and args.logger.wandb.run_name == "exp"
     assert args.logger.tensorboard_dir == "runs/exp/ppo/tensorboard" and args.logger.logging_steps == 5
+    # PPO's trainer runs in a Ray actor: offline mode must reach it through the job's runtime_env
+    from csr_plugin.openrlhf.ppo import runtime_env
+
+    assert runtime_env(on)["env_vars"]["WANDB_MODE"] == "offline"
+    assert "WANDB_MODE" not in runtime_env(recipe)["env_vars"]
 
 
 def test_preflight_names_the_key_and_the_fix(tiny_recipe_dict, tmp_path, monkeypatch):

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+import csr_plugin
 from csr_plugin.config import ConfigError, load_recipe
 from csr_plugin.openrlhf.cli_args import OpenRLHFArgsError, parse_openrlhf_args
-from csr_plugin.openrlhf.ppo import AGENT_FILE, PPO_MODULE, ppo_flags, to_argv
-from csr_plugin.recipe_commands import check, show
+from csr_plugin.openrlhf.ppo import AGENT_FILE, PPO_MODULE, WORKER_AGENT_FILE, ppo_flags, to_argv
+from csr_plugin.recipe_commands import DPO_WORKER, check, show
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
 
@@ -35,9 +36,13 @@ def test_recipe_commands_pass_openrlhf_parsers(path):
     assert f"csr run --config {path}" in text
     ray_line = next(line for line in text.splitlines() if line.startswith("ray job submit"))
     argv = shlex.split(ray_line)
-    assert argv[argv.index("--") + 1:][:3] == ["python3", "-m", PPO_MODULE]
-    assert str(AGENT_FILE) in argv
-    assert check(recipe, str(path), []) == ["openrlhf.cli.train_dpo", PPO_MODULE]
+    entry = argv[argv.index("--") + 1:]
+    assert entry[:5] == ["env", "TOKENIZERS_PARALLELISM=false", "python3", "-m", PPO_MODULE]
+    # relative to the working_dir the job ships: the head node's AGENT_FILE does not exist on other nodes
+    assert entry[entry.index("--train.agent_func_path") + 1] == WORKER_AGENT_FILE
+    # PPO is checked by train_ppo_ray's parser only where the recipe has a ppo: section
+    expected = [DPO_WORKER, PPO_MODULE] if path.name == "ppo-stepwise.yaml" else [DPO_WORKER]
+    assert check(recipe, str(path), []) == expected
 
 
 def test_ppo_flags_land_where_openrlhf_reads_them():
@@ -109,14 +114,129 @@ def test_train_ppo_prepares_openrlhf_prompts_and_its_ray_environment(tiny_recipe
         label = json.loads(row["label"])
         assert label["id"] == record["id"] and row["images"] == [label["image"]] and Path(label["image"]).is_file()
 
-    recipe = load_recipe(path, [])
-    env = runtime_env(recipe, str(path), ["reward.lambda=0.5"])
+    recipe = load_recipe(path, ["ppo.rollout_batch=8"])
+    env = runtime_env(recipe)
     assert env["worker_process_setup_hook"] == HOOK and env["env_vars"][ENV_VAR] == "1"
-    assert env["env_vars"]["CSR_RECIPE"] == str(path.resolve())
-    assert env["env_vars"]["CSR_RECIPE_OVERRIDES"] == "reward.lambda=0.5"
-    scalar = runtime_env(load_recipe(path, ["ppo.dense_rewards=false"]), str(path), [])
+    # the shipped recipe (prepare-only wrote it) already has the overrides: none travel on top of it
+    assert env["env_vars"]["CSR_RECIPE"] == "recipe.yaml" and env["env_vars"]["CSR_RECIPE_OVERRIDES"] == "[]"
+    assert Path(env["working_dir"]) == tmp_path / "out" / "ppo" / "ray_working_dir"
+    assert (Path(env["working_dir"]) / "recipe.yaml").is_file() and (Path(env["working_dir"]) / "csr_agent.py").is_file()
+    assert env["py_modules"] == [str(Path(csr_plugin.__file__).parent)]
+    scalar = runtime_env(load_recipe(path, ["ppo.dense_rewards=false"]))
     assert "worker_process_setup_hook" not in scalar and ENV_VAR not in scalar["env_vars"]
+    assert scalar["working_dir"] == env["working_dir"] and scalar["py_modules"] == env["py_modules"]
 
     if not __import__("torch").cuda.is_available():
         assert main(["train-ppo", "--config", str(path)]) == 2
         assert "needs GPUs" in capsys.readouterr().err
+
+
+# -- how the recipe and its overrides reach Ray workers on other nodes (tests/test_multinode.py runs them) --
+
+def test_overrides_travel_as_a_json_list_and_the_old_form_is_still_read(monkeypatch, tiny_recipe_dict, tmp_path):
+    import yaml
+
+    from csr_plugin.openrlhf.env_recipe import decode_overrides, encode_overrides, recipe_from_env
+
+    overrides = ["reward.fusion=paper", "data.prompts=/a b/p.jsonl", "reward.lambda=0.5"]
+    assert decode_overrides(encode_overrides(overrides)) == overrides
+    assert decode_overrides("reward.lambda=0.5  clip.device=cpu") == ["reward.lambda=0.5", "clip.device=cpu"]
+    assert decode_overrides("") == decode_overrides("  ") == decode_overrides("[]") == []
+    with pytest.raises(ValueError, match="CSR_RECIPE_OVERRIDES=.*not valid JSON.*JSON list"):
+        decode_overrides('["reward.lambda=0.5"')
+    with pytest.raises(ValueError, match="must be a JSON list of key=value strings"):
+        decode_overrides('[{"reward.lambda": 0.5}]')
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe_dict))
+    monkeypatch.setenv("CSR_RECIPE", str(path))
+    monkeypatch.setenv("CSR_RECIPE_OVERRIDES", encode_overrides(overrides))
+    recipe = recipe_from_env()
+    assert recipe.data.prompts == "/a b/p.jsonl" and recipe.reward.lambda_ == 0.5   # split on spaces: refused
+    monkeypatch.setenv("CSR_RECIPE", "recipe.yaml")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match=r"CSR_RECIPE='recipe.yaml' is not a file on node .*working_dir"):
+        recipe_from_env()
+
+
+def _openrlhf_ray_init_env_vars() -> set[str]:
+    """The env_vars keys OpenRLHF's train() passes to its own ray.init (read from its source, not imported:
+    importing train_ppo_ray imports vLLM)."""
+    import importlib.util
+    import re
+
+    source = Path(importlib.util.find_spec("openrlhf.cli.train_ppo_ray").origin).read_text()
+    block = source[source.index("ray.init("):source.index("strategy = get_strategy(args)")]
+    return set(re.findall(r'"([A-Z_]+)": os\.environ\.get', block))
+
+
+def test_shell_commands_quote_every_path_and_override(tiny_recipe_dict, tmp_path):
+    """`csr recipe show` lines pasted into a shell give back exactly the overrides, paths and runtime_env."""
+    import json
+
+    import yaml
+
+    from csr_plugin.openrlhf.ppo import runtime_env, shell_commands
+
+    out = tmp_path / "out dir"
+    path = tmp_path / "my recipe.yaml"
+    path.write_text(yaml.safe_dump(dict(tiny_recipe_dict, output_dir=str(out))))
+    overrides = ["reward.fusion=paper", f"data.truth={tmp_path}/a b/t.jsonl", "ppo.rollout_batch=8"]
+    recipe = load_recipe(path, overrides)
+    prepare, submit = shell_commands(recipe, str(path), overrides)
+    argv = shlex.split(prepare.split("   # ")[0])
+    assert argv == ["csr", "train-ppo", "--config", str(path), *overrides, "--prepare-only"]
+
+    argv = shlex.split(submit)
+    env = json.loads(argv[argv.index("--runtime-env-json") + 1])
+    expected = runtime_env(recipe)
+    tokenizers = expected["env_vars"].pop("TOKENIZERS_PARALLELISM")
+    assert env == expected and env["working_dir"] == str(out / "ppo" / "ray_working_dir")
+    entry = argv[argv.index("--") + 1:]
+    assert entry[:2] == ["env", f"TOKENIZERS_PARALLELISM={tokenizers}"]
+    assert entry[entry.index("--data.prompt_dataset") + 1] == str(out / "ppo" / "prompts.jsonl")
+    assert entry[entry.index("--ckpt.path") + 1] == str(out / "ppo" / "ckpt")
+    # Inside a job Ray refuses a ray.init env var the job's runtime_env also sets ("Failed to merge the
+    # Job's runtime env"): OpenRLHF's train() sets these in its ray.init, so the job must not.
+    openrlhf_keys = _openrlhf_ray_init_env_vars()
+    assert "TOKENIZERS_PARALLELISM" in openrlhf_keys, "OpenRLHF's train() changed: recheck this"
+    assert not openrlhf_keys & set(env["env_vars"])
+
+
+def test_working_dir_ships_the_recipe_as_workers_load_it(monkeypatch, tiny_recipe_dict, tmp_path):
+    """Relative paths are made absolute (shared storage), the CLIP config is copied, and the files OpenRLHF
+    loads by path import our package."""
+    import shutil
+
+    import yaml
+
+    from csr_plugin.openrlhf.env_recipe import recipe_from_env
+    from csr_plugin.openrlhf.ppo import launch_flags, runtime_env, write_working_dir
+
+    shutil.copytree(Path(tiny_recipe_dict["model"]["path"]), tmp_path / "models" / "vlm")
+    monkeypatch.chdir(tmp_path)
+    recipe_dict = dict(tiny_recipe_dict, output_dir="runs/x", model=dict(tiny_recipe_dict["model"], path="models/vlm"))
+    Path("r.yaml").write_text(yaml.safe_dump(recipe_dict))
+    recipe = load_recipe("r.yaml", ["reward.lambda=0.3"])
+    folder = write_working_dir(recipe, "r.yaml", ["reward.lambda=0.3"])
+    assert folder == tmp_path / "runs" / "x" / "ppo" / "ray_working_dir"
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == \
+        ["clip/tiny-clip.json", "csr_agent.py", "csr_reward_func.py", "recipe.yaml"]
+    assert (folder / "clip" / "tiny-clip.json").read_bytes() == Path(recipe.clip.config).read_bytes()
+    assert "from csr_plugin.openrlhf.agent import AgentExecutor" in (folder / "csr_agent.py").read_text()
+    assert "from csr_plugin.openrlhf.reward_func import reward_func" in (folder / "csr_reward_func.py").read_text()
+
+    flags = launch_flags(recipe, "runs/x/ppo/prompts.jsonl")
+    assert flags["actor.model_name_or_path"] == str(tmp_path / "models" / "vlm")
+    assert flags["data.prompt_dataset"] == str(tmp_path / "runs" / "x" / "ppo" / "prompts.jsonl")
+    assert flags["ckpt.output_dir"] == str(tmp_path / "runs" / "x" / "ppo" / "final")
+
+    # a worker: started in (its copy of) the working_dir, with the runtime_env's variables
+    monkeypatch.chdir(folder)
+    for name, value in runtime_env(recipe)["env_vars"].items():
+        monkeypatch.setenv(name, value)
+    shipped = recipe_from_env()
+    assert shipped.model.path == str(tmp_path / "models" / "vlm") and shipped.reward.lambda_ == 0.3
+    assert shipped.output_dir == str(tmp_path / "runs" / "x")
+    assert shipped.clip.config == "clip/tiny-clip.json" and Path(shipped.clip.config).is_file()
+    assert shipped.clip.pretrained == tiny_recipe_dict["clip"]["pretrained"], "weights stay on shared storage"

@@ -20,6 +20,19 @@ from csr_plugin.openrlhf import AGENT_FILE
 
 PPO_MODULE = "openrlhf.cli.train_ppo_ray"
 
+# What every Ray worker of a PPO run gets through the runtime_env, on any node: the csr_plugin package
+# (py_modules) and a working_dir, written under <output_dir>/ppo/, in which Ray starts each worker. OpenRLHF
+# loads the agent file by path (spec_from_file_location) inside its vLLM actors, so the flag names a path
+# relative to that working_dir, valid on every node; a head-node path (AGENT_FILE) is not.
+WORKING_DIR = "ray_working_dir"
+WORKER_RECIPE = "recipe.yaml"
+WORKER_AGENT_FILE = "csr_agent.py"
+WORKER_REWARD_FILE = "csr_reward_func.py"
+_LOADED_BY_PATH = {  # file in the working_dir -> (what OpenRLHF loads from it, its flag)
+    WORKER_AGENT_FILE: ("csr_plugin.openrlhf.agent", "AgentExecutor", "--train.agent_func_path"),
+    WORKER_REWARD_FILE: ("csr_plugin.openrlhf.reward_func", "reward_func", "--reward.remote_url"),
+}
+
 
 class NoGPUError(RuntimeError):
     """OpenRLHF's PPO cannot run on this machine."""
@@ -49,8 +62,33 @@ def write_ppo_prompts(recipe: Recipe) -> tuple[Path, int]:
     return path, len(bad) + len(prompts) - len(usable)
 
 
+# Flags csr sets from its own state rather than from one recipe key: refused in `ppo.openrlhf`.
+PPO_RESERVED = {
+    "train.agent_func_path": "csr's agent executor runs the sentence-level search",
+    "data.prompt_dataset": "the prompts file csr writes from data.prompts", "data.input_key": "that file's format",
+    "data.label_key": "that file's format", "data.image_key": "that file's format",
+    "data.apply_chat_template": "that file's format", "ckpt.output_dir": "<output_dir>/ppo/final",
+    "ckpt.path": "<output_dir>/ppo/ckpt", "logger.": "the recipe's logging: section",
+}
+
+
 def ppo_flags(recipe: Recipe, prompts_file: str | Path) -> dict[str, Any]:
-    """The recipe as OpenRLHF train_ppo_ray's dotted flags (see to_argv for the command line)."""
+    """The recipe as OpenRLHF train_ppo_ray's dotted flags, `ppo.openrlhf` applied (see to_argv for the
+    command line)."""
+    import dataclasses
+
+    from csr_plugin.passthrough import merge
+
+    def build(sections: dict) -> dict[str, Any]:
+        return _own_ppo_flags(dataclasses.replace(recipe, **sections), prompts_file)
+
+    sections = {"ppo": recipe.ppo, "search": recipe.search, "model": recipe.model}
+    return merge(build(sections), recipe.ppo.openrlhf, "ppo.openrlhf", build, sections, PPO_RESERVED)
+
+
+def _own_ppo_flags(recipe: Recipe, prompts_file: str | Path) -> dict[str, Any]:
+    from csr_plugin.training.tracking import logger_flags
+
     cfg, search, out = recipe.ppo, recipe.search, ppo_dir(recipe)
     samples = cfg.rollout_batch * cfg.n_samples_per_prompt
     ranks = cfg.nodes * cfg.gpus_per_node
@@ -87,7 +125,8 @@ def ppo_flags(recipe: Recipe, prompts_file: str | Path) -> dict[str, Any]:
         "actor.freeze_visual_encoder": cfg.freeze_vision,
         "actor.gradient_checkpointing_enable": cfg.gradient_checkpointing,
         "ckpt.output_dir": str(out / "final"), "ckpt.path": str(out / "ckpt"), "ckpt.save_steps": cfg.ckpt_steps,
-        "ckpt.load_enable": True, "ckpt.save_hf": True, "logger.tensorboard_dir": str(out / "tensorboard"),
+        "ckpt.load_enable": True, "ckpt.save_hf": True,
+        **logger_flags(recipe.logging, out),   # wandb / TensorBoard: the recipe's logging section
     }
     return flags
 
@@ -105,28 +144,108 @@ def to_argv(flags: dict[str, Any]) -> list[str]:
     return argv
 
 
-def runtime_env(recipe: Recipe, config_path: str, overrides: list[str]) -> dict:
-    """Ray runtime environment: the recipe for our agent, and the step-wise reward hook when asked for."""
-    env_vars = {"CSR_RECIPE": str(Path(config_path).resolve()), "CSR_RECIPE_OVERRIDES": " ".join(overrides),
-                "TOKENIZERS_PARALLELISM": "false"}
+def package_dir() -> Path:
+    """The csr_plugin package folder this process imports: what runtime_env py_modules ships."""
+    import csr_plugin
+
+    return Path(csr_plugin.__file__).resolve().parent
+
+
+def working_dir(recipe: Recipe) -> Path:
+    return (ppo_dir(recipe) / WORKING_DIR).resolve()
+
+
+def cluster_recipe(recipe: Recipe) -> Recipe:
+    """The recipe as every node must see it: local paths absolute (the model, CLIP weights, output_dir and
+    the prompts must be on storage every node mounts at the same path), one visible GPU per process."""
+    from csr_plugin.config import recipe_from_dict
+    from csr_plugin.sampling.ray_actors import actor_recipe
+
+    data = actor_recipe(recipe)
+    data["output_dir"] = str(Path(recipe.output_dir).resolve())
+    if data["data"]["prompts"] and Path(data["data"]["prompts"]).exists():
+        data["data"]["prompts"] = str(Path(data["data"]["prompts"]).resolve())
+    return recipe_from_dict(data)
+
+
+def write_working_dir(recipe: Recipe, config_path: str, overrides: list[str]) -> Path:
+    """Write the Ray working_dir of a PPO run (ppo/ray_working_dir) and return it.
+
+    It holds the recipe as the workers load it (overrides applied, paths absolute), a copy of the local
+    CLIP config (a small file that often lives next to the recipe rather than on shared storage), and
+    the files OpenRLHF loads by path, each importing its code from the shipped csr_plugin package.
+    Weights are not shipped: Ray uploads the working_dir to every node for each job.
+    """
+    import shutil
+
+    import yaml
+
+    from csr_plugin.config import recipe_to_dict
+
+    folder = working_dir(recipe)
+    shutil.rmtree(folder, ignore_errors=True)   # nothing stale from an earlier recipe travels with this one
+    folder.mkdir(parents=True)
+    data = recipe_to_dict(cluster_recipe(recipe))
+    clip_config = data["clip"]["config"]
+    if clip_config and Path(clip_config).is_file():
+        (folder / "clip").mkdir()
+        shutil.copyfile(clip_config, folder / "clip" / Path(clip_config).name)
+        data["clip"]["config"] = f"clip/{Path(clip_config).name}"   # relative: resolved in the worker's cwd
+    header = (f"# Written by `csr train-ppo` from {shlex.join([str(config_path), *overrides])}: the recipe every\n"
+              "# Ray worker of the run loads (CSR_RECIPE), overrides applied. Edit the source recipe, not this.\n")
+    (folder / WORKER_RECIPE).write_text(header + yaml.safe_dump(data, sort_keys=False))
+    for name, (module, attr, flag) in _LOADED_BY_PATH.items():
+        (folder / name).write_text(
+            f'"""OpenRLHF loads this file by path ({flag} {name}) in each Ray worker, whose working directory is\n'
+            f'this folder; the code comes from the csr_plugin package shipped with the runtime_env py_modules."""\n'
+            f"from {module} import {attr}  # noqa: F401\n")
+    return folder
+
+
+def launch_flags(recipe: Recipe, prompts_file: str | Path) -> dict[str, Any]:
+    """ppo_flags for a Ray cluster: every path absolute or relative to the shipped working_dir."""
+    flags = ppo_flags(cluster_recipe(recipe), Path(prompts_file).resolve())
+    flags["train.agent_func_path"] = WORKER_AGENT_FILE
+    return flags
+
+
+def runtime_env(recipe: Recipe) -> dict:
+    """Ray runtime environment of a PPO run: csr_plugin (py_modules), the working_dir with the recipe and
+    the agent file, CSR_RECIPE naming the shipped recipe, and the step-wise reward hook when asked for.
+
+    Paths only: write_working_dir must have written the working_dir before Ray uploads it."""
+    from csr_plugin.openrlhf.env_recipe import OVERRIDES_VAR, RECIPE_VAR, encode_overrides
+
+    # The shipped recipe has the overrides applied already; an empty list also masks any value a node's
+    # own environment might pass down to its workers.
+    from csr_plugin.training.tracking import wandb_env
+
+    env_vars = {RECIPE_VAR: WORKER_RECIPE, OVERRIDES_VAR: encode_overrides([]), "TOKENIZERS_PARALLELISM": "false",
+                **wandb_env(recipe.logging, ppo_dir(recipe))}   # WANDB_MODE reaches the trainer actor
     if recipe.ppo.dense_rewards:
         from csr_plugin.openrlhf.dense_rewards import runtime_env as dense_runtime_env
 
-        return dense_runtime_env(env_vars)
-    return {"env_vars": env_vars}
+        env = dense_runtime_env(env_vars)
+    else:
+        env = {"env_vars": env_vars}
+    return {**env, "working_dir": str(working_dir(recipe)), "py_modules": [str(package_dir())]}
 
 
 def shell_commands(recipe: Recipe, config_path: str, overrides: list[str]) -> list[str]:
     """What `csr train-ppo` runs, as commands to paste on a Ray head node."""
     prompts = ppo_dir(recipe) / "prompts.jsonl"
-    argv = to_argv(ppo_flags(recipe, prompts))
-    env = runtime_env(recipe, config_path, overrides)
+    argv = to_argv(launch_flags(recipe, prompts))
+    env = runtime_env(recipe)
+    # OpenRLHF's train() calls ray.init with TOKENIZERS_PARALLELISM (read from its own environment) in its
+    # env_vars, and inside a job Ray refuses a key that the job's runtime_env sets too ("Failed to merge the
+    # Job's runtime env"): the variable goes into the entrypoint's environment instead.
+    tokenizers = env["env_vars"].pop("TOKENIZERS_PARALLELISM")
     address = recipe.ppo.ray_address if recipe.ppo.ray_address not in ("", "auto") else "http://127.0.0.1:8265"
     return [
         shlex.join(["csr", "train-ppo", "--config", config_path, *overrides, "--prepare-only"])
-        + f"   # writes {prompts}",
+        + f"   # writes {prompts} and {working_dir(recipe)}",
         shlex.join(["ray", "job", "submit", "--address", address, "--runtime-env-json", json.dumps(env), "--",
-                    "python3", "-m", PPO_MODULE, *argv]),
+                    "env", f"TOKENIZERS_PARALLELISM={tokenizers}", "python3", "-m", PPO_MODULE, *argv]),
     ]
 
 
@@ -142,14 +261,19 @@ def train_ppo(recipe: Recipe, config_path: str, overrides: list[str]) -> int:
     prompts, skipped = write_ppo_prompts(recipe)
     if skipped:
         print(f"csr train-ppo: {skipped} prompts skipped (no image or empty question); see `csr sample` errors.")
+    write_working_dir(recipe, config_path, overrides)
     import ray
 
     if not ray.is_initialized():
         # OpenRLHF's train() keeps a Ray that is already up, so our runtime_env reaches every worker.
-        ray.init(address=recipe.ppo.ray_address or None, runtime_env=runtime_env(recipe, config_path, overrides))
+        ray.init(address=recipe.ppo.ray_address or None, runtime_env=runtime_env(recipe))
+    elif ray.get_runtime_context().runtime_env.get("env_vars", {}).get("CSR_RECIPE") != WORKER_RECIPE:
+        # Without our runtime_env no worker has the agent file or the recipe: fail here, not in every engine.
+        raise RuntimeError("Ray is already initialised in this process without csr's runtime_env; call "
+                           "ray.shutdown() first, or ray.init(runtime_env=csr_plugin.openrlhf.ppo.runtime_env(recipe)).")
     from csr_plugin.openrlhf.cli_args import argv_as
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with argv_as([PPO_MODULE, *to_argv(ppo_flags(recipe, prompts))]):
+    with argv_as([PPO_MODULE, *to_argv(launch_flags(recipe, prompts))]):
         runpy.run_module(PPO_MODULE, run_name="__main__", alter_sys=False)
     return 0

@@ -96,7 +96,7 @@ class OpenRLHFEngines:
         # flash-attn's CPU install imports only with its Triton backend; on an NVIDIA GPU the variable
         # would select its ROCm backend, so only CPU engines get it.
         cpu = {"FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE", **cpu_env()}
-        env = {"CSR_RECIPE": str(recipe_file), "CSR_RECIPE_OVERRIDES": "", "TOKENIZERS_PARALLELISM": "false",
+        env = {"CSR_RECIPE": str(recipe_file), "CSR_RECIPE_OVERRIDES": "[]", "TOKENIZERS_PARALLELISM": "false",
                **({} if use_gpu else cpu), **extra_env}
         self.actor = RolloutRayActor.options(num_cpus=1, num_gpus=self.kwargs["num_gpus"], max_restarts=0,
                                              runtime_env={"env_vars": env})

@@ -7,6 +7,7 @@ its annotations plug in the same way as the toy world's.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -49,6 +50,27 @@ def generate(model, processor, items: list[tuple], max_new_tokens: int, batch: i
     return [a.strip() for a in answers]
 
 
+def make_generator(model, processor, cfg: EvalConfig, model_cfg: ModelConfig):
+    """(items, max_new_tokens, desc, keys) -> answers under ``eval.decoding``; ``keys`` name the rows so
+    that a PARGS row's sampling seed depends on (eval.seed, its key) alone, not on its batch."""
+    if cfg.decoding == "greedy":
+        return lambda items, max_new, desc, keys: generate(model, processor, items, max_new, cfg.batch, desc)
+    from csr_plugin.reward_model.guided import PargsSettings, decode_prompts
+    from csr_plugin.reward_model.model import load_reward_model
+    from csr_plugin.sampling.engine import stable_seed
+
+    device = next(model.parameters()).device
+    reward_model = load_reward_model(cfg.rm, dtype=model.dtype,
+                                     trust_remote_code=model_cfg.trust_remote_code).to(device)
+
+    def pargs(items, max_new, desc, keys):
+        settings = PargsSettings(cfg.pargs.top_k, cfg.pargs.weight, cfg.pargs.greedy, max_new)
+        seeds = [stable_seed(cfg.seed, "pargs", key) for key in keys]
+        log.info("%s: PARGS decoding of %d items (k=%d, w=%g)", desc, len(items), settings.top_k, settings.weight)
+        return decode_prompts(model, reward_model, processor, items, seeds, settings, cfg.batch)
+    return pargs
+
+
 def evaluate(model_cfg: ModelConfig, cfg: EvalConfig) -> dict:
     from csr_plugin.sampling.transformers_engine import load_vlm
     from csr_plugin.sampling.prompts import load_image, load_prompts
@@ -64,28 +86,40 @@ def evaluate(model_cfg: ModelConfig, cfg: EvalConfig) -> dict:
     model, processor = load_vlm(model_cfg)
     images = {p.id: load_image(p.image) for p in prompts}
 
-    descriptions = generate(model, processor, [(images[p.id], p.question) for p in prompts], cfg.max_new_tokens,
-                            cfg.batch, "CHAIR")
+    generate_with = make_generator(model, processor, cfg, model_cfg)
+    descriptions = generate_with([(images[p.id], p.question) for p in prompts], cfg.max_new_tokens, "CHAIR",
+                                 [p.id for p in prompts])
     truths = [truth[p.id] for p in prompts]
     result = {**chair(descriptions, truths, vocab), "object_recall": object_recall(descriptions, truths, vocab)}
 
     image_truth = {p.id: truth[p.id] for p in prompts}
     for setting in POPE_SETTINGS:
         questions = build_pope(image_truth, vocab.objects, setting, cfg.pope_per_image, seed=cfg.seed)
-        answers = generate(model, processor, [(images[q.image_id], q.text()) for q in questions], 8, cfg.batch,
-                           f"POPE {setting}")
+        answers = generate_with([(images[q.image_id], q.text()) for q in questions], 8, f"POPE {setting}",
+                                [f"pope/{setting}/{i}" for i in range(len(questions))])
         result[f"pope_{setting}"] = pope_metrics([parse_yes_no(a) for a in answers], [q.label for q in questions])
     result["pope_f1"] = sum(result[f"pope_{s}"]["f1"] for s in POPE_SETTINGS) / len(POPE_SETTINGS)
     result["samples"] = [{"id": p.id, "response": d, "objects": sorted(truth[p.id])}
                          for p, d in list(zip(prompts, descriptions))[:5]]
+    result["decoding"] = decoding_spec(cfg)
     del model
     return result
+
+
+def decoding_spec(cfg: EvalConfig) -> dict:
+    """How the answers were generated: a stored result is reused only for the same decoding."""
+    if cfg.decoding == "pargs":
+        return {"mode": "pargs", "rm": str(Path(cfg.rm).resolve()), **dataclasses.asdict(cfg.pargs)}
+    return {"mode": cfg.decoding}
 
 
 def evaluate_cached(model_cfg: ModelConfig, cfg: EvalConfig, path: Path) -> dict:
     """Evaluate once per checkpoint: the result file makes a rerun free."""
     if path.exists():
-        return json.loads(path.read_text())
+        stored = json.loads(path.read_text())
+        # results written before decoding was recorded were greedy, the only mode then
+        if stored.get("decoding", {"mode": "greedy"}) == decoding_spec(cfg):
+            return stored
     result = evaluate(model_cfg, cfg)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))

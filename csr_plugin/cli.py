@@ -65,6 +65,26 @@ def _cmd_train_dpo(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_train_rm(args: argparse.Namespace) -> int:
+    from csr_plugin.reward_model.launch import run_rm
+    from csr_plugin.run_logs import subprocess_log
+
+    recipe = load_recipe(args.config, args.overrides)
+    pairs, out = args.pairs or recipe.rm.pairs, args.out or recipe.output_dir
+    if not pairs:
+        raise ConfigError("`rm.pairs` (or --pairs) is required: preference pairs JSONL, e.g. from `csr curate`.")
+    if not Path(pairs).is_file():
+        raise FileNotFoundError(f"reward model pairs {pairs!r} not found; set rm.pairs or --pairs to a pairs JSONL.")
+    _route_logs(out)
+    log_file = subprocess_log(out, "rm")   # None with --verbose: the ranks print here
+    if log_file is not None:
+        print(f"reward model on {recipe.model.path}, pairs {pairs} ...  ranks' log: {log_file}", flush=True)
+    code = run_rm(recipe, args.config, args.overrides, recipe.model.path, pairs, out, log_file=log_file)
+    if code == 0:
+        print(f"reward model: {Path(out) / 'final'}   metrics: {Path(out) / 'rm_metrics.jsonl'}")
+    return code
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from csr_plugin.pipeline import run, summary_table
 
@@ -100,7 +120,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from csr_plugin.eval.evaluate import evaluate
 
-    recipe = load_recipe(args.config, args.overrides)
+    # --rm: PARGS decoding with this reward model, as the overrides would set it (validated with the rest)
+    recipe = load_recipe(args.config, args.overrides + ([f"eval.rm={json.dumps(args.rm)}", "eval.decoding=pargs"]
+                                                        if args.rm else []))
     if not recipe.eval.prompts:
         raise ConfigError("`eval.prompts`, `eval.truth` and `eval.vocabulary` are needed for `csr eval`.")
     model = dataclasses.replace(recipe.model, path=args.model or recipe.model.path)
@@ -116,12 +138,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_ppo(args: argparse.Namespace) -> int:
-    from csr_plugin.openrlhf.ppo import NoGPUError, train_ppo, write_ppo_prompts
+    from csr_plugin.openrlhf.ppo import NoGPUError, train_ppo, write_ppo_prompts, write_working_dir
 
     recipe = load_recipe(args.config, args.overrides)
     if args.prepare_only:
         path, skipped = write_ppo_prompts(recipe)
         print(f"OpenRLHF prompt dataset: {path} ({skipped} prompts skipped)")
+        # `ray job submit --runtime-env-json` (csr recipe show) uploads this folder to every node
+        print(f"Ray working_dir: {write_working_dir(recipe, args.config, args.overrides)}")
         return 0
     try:
         return train_ppo(recipe, args.config, args.overrides)
@@ -137,8 +161,18 @@ def _cmd_recipe_show(args: argparse.Namespace) -> int:
     print(show(recipe, args.recipe, args.overrides))
     if args.check:
         checked = check(recipe, args.recipe, args.overrides)
-        print(f"# checked against OpenRLHF's own parsers and assertions: {', '.join(checked)}")
+        print(f"# flags checked by the entry points that run them: {'; '.join(checked)}")
+        if len(checked) == 1:
+            print("# PPO not checked: the recipe has no ppo: section")
     return 0
+
+
+def _cmd_recipe_flags(args: argparse.Namespace) -> int:
+    from csr_plugin.recipe_commands import named_flags_markdown
+
+    print(named_flags_markdown(), end="")
+    return 0
+
 
 def _add_overrides(parser: argparse.ArgumentParser, help: str = "recipe overrides") -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help=help)
@@ -201,6 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     _quiet_by_default(p)
     p.set_defaults(func=_cmd_train_dpo)
 
+    p = sub.add_parser("train-rm", help="multimodal Bradley-Terry reward model (VLM + scalar head), ZeRO-3",
+                       description="Trains a reward model on model.path from rm.pairs; writes <output_dir>/final "
+                                   "and rm_metrics.jsonl (held-out accuracy per epoch). Resumable.")
+    p.add_argument("--config", required=True, help="recipe YAML with an `rm` section")
+    p.add_argument("--pairs", help="pairs JSONL (default: rm.pairs)")
+    p.add_argument("--out", help="output folder (default: output_dir)")
+    _add_overrides(p)
+    _quiet_by_default(p)
+    p.set_defaults(func=_cmd_train_rm)
+
     p = sub.add_parser("run", help="the iterative CSR loop: sample -> curate -> DPO, T times, resumable",
                        description="Writes iter_<t>/ folders, metrics.jsonl and metrics.png under output_dir.")
     p.add_argument("--config", required=True, help="recipe YAML with `loop` and `dpo` sections")
@@ -213,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="recipe YAML with an `eval` section")
     p.add_argument("--model", help="checkpoint to evaluate (default: model.path)")
     p.add_argument("--out", help="write the full result as JSON here")
+    p.add_argument("--rm", help="reward model (`csr train-rm` final/): decode with PARGS (eval.decoding=pargs, "
+                                "eval.rm=PATH; k, w in eval.pargs)")
     _add_overrides(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -253,19 +299,25 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and, with ppo.dense_rewards, each sentence's reward at its last token.")
     p.add_argument("--config", required=True, help="recipe YAML with a `ppo` section")
     p.add_argument("--prepare-only", action="store_true",
-                   help="only write the OpenRLHF prompt dataset (for `ray job submit`, see `csr recipe show`)")
+                   help="only write the OpenRLHF prompt dataset and the Ray working_dir (for `ray job submit`, "
+                        "see `csr recipe show`)")
     _add_overrides(p)
     p.set_defaults(func=_cmd_train_ppo)
 
     p = sub.add_parser("recipe", help="`csr recipe show R.yaml`: the exact csr / torchrun / OpenRLHF / ray commands",
-                       description="Prints every command a recipe runs; --check parses the OpenRLHF flags with "
-                                   "OpenRLHF's own entry points (needs vllm importable for train_ppo_ray).")
+                       description="Prints every command a recipe runs; --check checks the OpenRLHF flags with the "
+                                   "entry point that runs them (train_ppo_ray's parser needs vllm importable, for "
+                                   "recipes with a ppo: section). `csr recipe flags`: which recipe key sets which "
+                                   "OpenRLHF flag.")
     recipe_sub = p.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)
     q = recipe_sub.add_parser("show", help="print the commands")
     q.add_argument("recipe", help="recipe YAML")
     q.add_argument("--check", action="store_true", help="validate the flags with OpenRLHF's parsers")
     _add_overrides(q)
     q.set_defaults(func=_cmd_recipe_show)
+    q = recipe_sub.add_parser("flags", help="which recipe key sets which OpenRLHF flag (the rest: dpo.openrlhf / "
+                                            "ppo.openrlhf)")
+    q.set_defaults(func=_cmd_recipe_flags)
     return parser
 
 

@@ -81,10 +81,22 @@ class RewardConfig:
     instruction_score: Literal["mean", "sum"] = _help(
         "R_T from the sentence's token log-probs: mean (length-normalised, like the official code) or sum.",
         default="mean")
+    source: Literal["clip", "mrm"] = _help(
+        "The visual term R_I: clip (CLIP image relevance, the paper) or mrm (the gain of a `csr train-rm` reward "
+        "model from the response prefix to prefix + sentence; docs/reward-model.md).", default="clip")
+    mrm: str = _help("The reward model's final/ folder (`csr train-rm` output); required with source: mrm.",
+                     default="")
+    mrm_scale: float = _help("R_I = mrm_scale * (r(prefix + sentence) - r(prefix)); 1 keeps the gain in nats, "
+                             "the unit of R_T.", default=1.0)
 
     def validate(self, where: str) -> None:
         if not 0.0 <= self.lambda_ <= 1.0:
             raise ConfigError(f"`{where}.lambda` must be in [0, 1], got {self.lambda_}.")
+        if self.source == "mrm" and not self.mrm:
+            raise ConfigError(f"`{where}.mrm` is required with `{where}.source: mrm`: give the final/ folder "
+                              "`csr train-rm` wrote, or set source: clip.")
+        if not self.mrm_scale > 0:
+            raise ConfigError(f"`{where}.mrm_scale` must be > 0, got {self.mrm_scale}.")
 
 
 @dataclass
@@ -410,6 +422,17 @@ class LoopConfig:
 
 
 @dataclass
+class PargsConfig:
+    """PARGS reward-guided decoding (eval.decoding: pargs); docs/reward-model.md."""
+    top_k: int = _help("Policy tokens scored by the reward model per step (paper: 10).", default=10)
+    weight: float = _help("w in pi'(v) ~ pi(v) exp(w r(x, y v)) (paper: 2 sampling, 1 greedy).", default=2.0)
+    greedy: bool = _help("Take the argmax of pi' instead of sampling from it.", default=False)
+
+    def validate(self, where: str) -> None:
+        _at_least(self, where, 1, ("top_k",))
+
+
+@dataclass
 class EvalConfig:
     prompts: str = _help("Evaluation prompts JSONL ({id, image, question}); empty = no evaluation.", default="")
     truth: str = _help("Ground truth JSONL: {id, objects: [canonical object names]}.", default="")
@@ -418,9 +441,18 @@ class EvalConfig:
     max_new_tokens: int = _help("Longest description generated for CHAIR.", default=64)
     batch: int = _help("Images per generation batch.", default=32)
     limit: Optional[int] = _help("Evaluate only the first N prompts (null = all).", default=None)
-    seed: int = _help("POPE sampling seed.", default=0)
+    seed: int = _help("POPE sampling seed; PARGS sampling seeds derive from it and the prompt id.", default=0)
+    decoding: Literal["greedy", "pargs"] = _help(
+        "greedy: model.generate without sampling; pargs: reward-guided decoding with eval.rm (eval.pargs).",
+        default="greedy")
+    rm: str = _help("Reward model folder (`csr train-rm` final/, rm.partial: true) for decoding: pargs; "
+                    "`csr eval --rm` overrides.", default="")
+    pargs: PargsConfig = field(default_factory=PargsConfig)
 
     def validate(self, where: str) -> None:
+        if self.decoding == "pargs" and not self.rm:
+            raise ConfigError(f"`{where}.decoding` is pargs: set `{where}.rm` (or `csr eval --rm`) to a reward "
+                              "model folder from `csr train-rm`, or use decoding: greedy.")
         if self.prompts and not (self.truth and self.vocabulary):
             raise ConfigError(f"`{where}.prompts` is set: `{where}.truth` and `{where}.vocabulary` are needed too.")
         _at_least(self, where, 1, ("pope_per_image", "max_new_tokens", "batch"))

@@ -13,8 +13,9 @@ response prefix across candidates and steps. Per-step sampling parameters
 are OpenRLHF's (temperature, top_p, top_k) with ``n`` = search.candidates
 returned all at once (``output_kind=FINAL_ONLY``: ``RolloutRayActor.generate``
 keeps only vLLM's last streamed output), sentence-end stop tokens, the search's token budget, a per-request seed and
-``logprobs=0`` (R_T needs the sampled tokens' log-probs). CLIP loads once per
-worker process and is shared by all concurrent calls.
+``logprobs=0`` (R_T needs the sampled tokens' log-probs). The visual term (CLIP, or
+the reward model of ``reward.source: mrm``, which reads OpenRLHF's templated prompt)
+loads once per worker process and is shared by all concurrent calls.
 
 The returned dict is OpenRLHF's trajectory for PPO: the best complete response
 of the tree (with ``search.candidates: 1`` and ``beam_width: 1`` that is plain
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
@@ -53,18 +53,6 @@ from csr_plugin.sampling.vllm_engine import VllmSentenceRules
 # Searches mostly wait on the event loop for vLLM, so one thread each is cheap; asyncio's default pool
 # (min(32, CPUs + 4) threads) would cap how many prompts an engine searches, and vLLM batches, at once.
 SEARCH_THREADS = 512
-
-
-class _SerialClip:
-    """CLIP shared by the concurrent searches of one worker; its image cache is not thread-safe."""
-
-    def __init__(self, clip):
-        self.clip = clip
-        self.lock = threading.Lock()
-
-    def score(self, items):
-        with self.lock:
-            return self.clip.score(items)
 
 
 def _rules_for(processor, recipe: Recipe) -> VllmSentenceRules:
@@ -136,8 +124,10 @@ class AgentExecutor(AgentExecutorBase):
     def __init__(self, recipe: Optional[Recipe] = None):
         # OpenRLHF constructs the executor without arguments; tests may pass a recipe.
         self.recipe = recipe or recipe_from_env()
-        clip_cfg = self.recipe.clip
-        self.clip = shared(("clip", repr(clip_cfg)), lambda: _SerialClip(_build_clip(self.recipe)))
+        # The visual term (CLIP or reward.mrm) loads once per worker process, shared by all concurrent calls;
+        # its caches are not thread-safe, hence SerialVisual.
+        key = ("visual", repr(self.recipe.clip), repr(self.recipe.reward))
+        self.clip = shared(key, lambda: _serial(_build_visual(self.recipe)))
 
     async def execute(self, prompt, label, sampling_params, max_length: int, hf_tokenizer, llm_engine, images=None):
         recipe = self.recipe
@@ -155,7 +145,8 @@ class AgentExecutor(AgentExecutorBase):
         # asks for "deterministic": the tree then depends on search.seed and the id only, as in `csr sample`.
         seed_key = tree_id if fields.get("deterministic") else f"{tree_id}#{uuid.uuid4().hex}"
         job = PromptJob(id=seed_key, image=image_key, question=str(fields.get("question") or prompt),
-                        image_data=pil_images[0], encoded=EncodedPrompt(prompt_ids, {"image": pil_images}))
+                        image_data=pil_images[0], encoded=EncodedPrompt(prompt_ids, {"image": pil_images}),
+                        prompt_text=prompt)
         search = SentenceBeamSearch(engine, self.clip, recipe.search, recipe.reward, recipe.curation)
         pool = shared("search-threads", lambda: ThreadPoolExecutor(SEARCH_THREADS, thread_name_prefix="csr-search"))
         tree = (await asyncio.get_running_loop().run_in_executor(pool, search.run, [job]))[0]
@@ -216,7 +207,13 @@ class AgentExecutor(AgentExecutorBase):
         }
 
 
-def _build_clip(recipe: Recipe):
-    from csr_plugin.reward.clip_relevance import ClipRelevance
+def _serial(scorer):
+    from csr_plugin.reward.source import SerialVisual
 
-    return ClipRelevance(recipe.clip)
+    return SerialVisual(scorer)
+
+
+def _build_visual(recipe: Recipe):
+    from csr_plugin.reward.source import build_visual_scorer
+
+    return build_visual_scorer(recipe)

@@ -36,6 +36,7 @@ from typing import Any, Optional, Sequence
 
 from csr_plugin.config import Recipe
 from csr_plugin.reward import calibrated_reward, instruction_score
+from csr_plugin.reward.source import SentenceInContext, visual_scorer
 from csr_plugin.sampling.sentence_end import sentence_spans
 
 # Distinct images kept decoded (and prompts kept encoded): a PPO batch revisits each
@@ -165,6 +166,7 @@ class ResponseRewardScorer:
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.clip = clip
+        self.visual = visual_scorer(clip)   # a ClipRelevance (or fake) still scores exactly as before
         self.reward = recipe.reward
         self.delimiters = list(recipe.search.delimiters)
         self.length_normalize = recipe.curation.length_normalize
@@ -183,12 +185,13 @@ class ResponseRewardScorer:
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> "ResponseRewardScorer":
-        from csr_plugin.reward.clip_relevance import ClipRelevance
+        from csr_plugin.reward.source import build_visual_scorer
         from csr_plugin.sampling.transformers_engine import load_vlm
 
         _require_paper_fusion(recipe)  # before minutes of model loading
+        visual = build_visual_scorer(recipe)   # a bad reward.mrm fails before the VLM loads
         model, processor = load_vlm(recipe.model)
-        return cls(model, processor, ClipRelevance(recipe.clip), recipe)
+        return cls(model, processor, visual, recipe)
 
     def score(self, items: Sequence[ResponseItem]) -> list[ScoredResponse]:
         """Calibrated reward per response: one VLM forward and one CLIP batch for all of ``items``."""
@@ -200,8 +203,9 @@ class ResponseRewardScorer:
         token_logprobs = self._response_logprobs([item for _, item in live])
         sentences = [self._sentences(item.response_text, offsets, logprobs)
                      for (_, item), (offsets, logprobs) in zip(live, token_logprobs)]
-        r_i = iter(self.clip.score([(item.image, self.image(item.image), text)
-                                    for (_, item), group in zip(live, sentences) for text, _ in group]))
+        contexts = [self._in_context(items[i], item, offsets, [text for text, _ in group])
+                    for (i, item), (offsets, _), group in zip(live, token_logprobs, sentences)]
+        r_i = iter(self.visual.visual([c for group in contexts for c in group]))
         for (i, _), group in zip(live, sentences):
             scored = []
             for text, logprobs in group:
@@ -212,6 +216,33 @@ class ResponseRewardScorer:
             total = math.fsum(s["reward"] for s in scored)
             results[i] = ScoredResponse(total / len(scored) if self.length_normalize else total, scored)
         return results
+
+    def _in_context(self, original: ResponseItem, item: ResponseItem, offsets: Sequence[tuple[int, int]],
+                    texts: list[str]) -> list[SentenceInContext]:
+        """Each sentence with the response ids before it and its own ids (the reward model's gain needs them).
+
+        A sentence's tokens are those `_sentences` gives it (token indices grouped like the log-probs); the
+        end-of-turn ids `_strip_end` removed go back on the last sentence, as the search's last sentence
+        carries its EOS (text-only items have no ids to give back)."""
+        image = self.image(item.image)
+        if not getattr(self.visual, "needs_ids", False):   # CLIP reads the text alone: no tokenizing
+            return [SentenceInContext(item.image, image, text, item.prompt_text, templated=True) for text in texts]
+        ids = list(item.response_ids) if item.response_ids is not None else \
+            self.tokenizer(item.response_text, add_special_tokens=False)["input_ids"]
+        tail = list(original.response_ids[len(ids):]) if original.response_ids is not None else []
+        ends, end = [], 0
+        for _, indices in self._sentences(item.response_text, offsets, list(range(len(offsets)))):
+            end = max([end, *(k + 1 for k in indices)])
+            ends.append(end)
+        if ends:
+            ends[-1] = len(ids)   # tokens of a whitespace-only tail are in no sentence: the last one keeps them
+        out, start = [], 0
+        for k, (text, end) in enumerate(zip(texts, ends)):
+            out.append(SentenceInContext(item.image, image, text, item.prompt_text, tuple(ids[:start]),
+                                         tuple(ids[start:end]) + (tuple(tail) if k == len(texts) - 1 else ()),
+                                         templated=True))
+            start = end
+        return out
 
     def _strip_end(self, item: ResponseItem) -> ResponseItem:
         """Without the EOS that ends most responses (text or ids): it belongs to no sentence."""

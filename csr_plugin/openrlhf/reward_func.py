@@ -13,7 +13,8 @@ Images never reach a reward function: each label carries its image as
 from the environment, which must reach the engines (Ray ``runtime_env``
 ``env_vars``): ``CSR_RECIPE=/path/recipe.yaml`` and optionally
 ``CSR_RECIPE_OVERRIDES="reward.lambda=0.5 clip.device=cuda"``. Each engine
-process loads its own scoring VLM and CLIP; reward_server.py shares one copy.
+process loads its own scoring VLM and visual term (CLIP, or ``reward.mrm`` with
+``reward.source: mrm``); reward_server.py shares one copy.
 """
 from __future__ import annotations
 

@@ -118,9 +118,10 @@ def build_engine(recipe: Recipe):
 
 
 def build_clip(recipe: Recipe):
-    from csr_plugin.reward.clip_relevance import ClipRelevance
+    """The visual term of the calibrated reward (``reward.source``: CLIP or the reward model's gain)."""
+    from csr_plugin.reward.source import build_visual_scorer
 
-    return ClipRelevance(recipe.clip)
+    return build_visual_scorer(recipe)
 
 
 class _ErrorLog:
@@ -204,8 +205,8 @@ def sample(recipe: Recipe, engine=None, clip=None, progress: bool = True, leave:
     summary = SampleSummary()
     with SampleOutputs(recipe, summary) as outputs:
         if outputs.todo:
+            clip = clip or build_clip(recipe)   # first: a bad reward.mrm fails before the VLM loads
             engine = engine or build_engine(recipe)
-            clip = clip or build_clip(recipe)
             search = SentenceBeamSearch(engine, clip, recipe.search, recipe.reward, recipe.curation)
             logged: set[str] = set()
             bar = tqdm(total=len(outputs.todo), desc="csr sample", unit="prompt", disable=not progress,

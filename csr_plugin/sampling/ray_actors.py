@@ -1,4 +1,5 @@
-"""Our own Ray sampling actors: each builds the engine and CLIP once and searches a chunk of prompts per call.
+"""Our own Ray sampling actors: each builds the engine and the visual term (CLIP or reward.mrm) once and
+searches a chunk of prompts per call.
 
 `ray_driver.sample_on_ray` dispatches chunks to these (or to OpenRLHF's rollout
 actors, openrlhf_actors.py); both backends offer the driver the same members:
@@ -61,7 +62,7 @@ def _actor_options(use_gpu: bool, extra_env: Optional[dict] = None) -> dict:
 def actor_recipe(recipe: Recipe) -> dict:
     """The recipe as the actors need it: they run in Ray's own folder, each GPU actor sees one device."""
     data = recipe_to_dict(recipe)
-    for section, key in (("model", "path"), ("clip", "config"), ("clip", "pretrained")):
+    for section, key in (("model", "path"), ("clip", "config"), ("clip", "pretrained"), ("reward", "mrm")):
         value = data[section][key]
         if value and Path(value).exists():   # a local path, not a hub id or a pretrained tag
             data[section][key] = str(Path(value).resolve())

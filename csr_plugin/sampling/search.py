@@ -1,7 +1,8 @@
 """Sentence-level beam search with calibrated rewards (CSR, arXiv 2405.14622, sec. 3).
 
 Every step expands all active beams of all prompts in one engine call (K
-candidate sentences each), scores the candidates in one CLIP batch, and keeps
+candidate sentences each), scores the candidates in one batch of the visual
+term (CLIP, or the reward model's gain with reward.source: mrm), and keeps
 per prompt the ``keep_top`` best and ``keep_bottom`` worst by cumulative score:
 the bad beams are kept on purpose, they become the rejected responses.
 
@@ -19,6 +20,7 @@ from typing import Callable, Hashable, Mapping, Optional, Sequence, TypeVar
 from csr_plugin.config import CurationConfig, RewardConfig, SearchConfig
 from csr_plugin.reward.calibration import calibrated_reward, rank_fusion_reward
 from csr_plugin.reward.instruction import instruction_score
+from csr_plugin.reward.source import SentenceInContext, visual_scorer
 from csr_plugin.sampling.engine import (WORD_CHARS, Continuation, EncodedPrompt, Expansion, SentenceEngine,
                                        stable_seed)
 
@@ -44,6 +46,9 @@ class PromptJob:
     question: str
     image_data: object        # PIL image, shared by the engine and CLIP
     encoded: EncodedPrompt
+    # the templated prompt text when the caller has it (OpenRLHF's agent); the reward model of
+    # reward.source: mrm then reads it as the policy did, instead of templating `question` itself
+    prompt_text: Optional[str] = None
 
 
 @dataclass
@@ -113,6 +118,7 @@ class SentenceBeamSearch:
                  curation: CurationConfig):
         self.engine = engine
         self.clip = clip
+        self.visual = visual_scorer(clip)   # a ClipRelevance (or fake) still scores exactly as before
         self.search = search
         self.reward = reward
         self.curation = curation
@@ -166,10 +172,10 @@ class SentenceBeamSearch:
         return accepted
 
     def _score(self, pairs: list[tuple[_Beam, Node]]) -> None:
-        """R_T from each sentence's own log-probs, R_I in one CLIP batch, then the calibrated reward."""
+        """R_T from each sentence's own log-probs, R_I in one batch of the visual term, then the calibrated reward."""
         if not pairs:
             return
-        relevance = self.clip.score([(b.job.image, b.job.image_data, n.text.strip()) for b, n in pairs])
+        relevance = self.visual.visual([self._in_context(b, n) for b, n in pairs])
         for (_, node), r_i in zip(pairs, relevance):
             node.r_t = instruction_score(node.logprobs, self.reward.instruction_score)
             node.r_i = r_i
@@ -182,6 +188,14 @@ class SentenceBeamSearch:
                 fused = rank_fusion_reward([n.r_i for n in group], [n.r_t for n in group], self.reward.lambda_)
                 for node, value in zip(group, fused):
                     node.reward = value
+
+    @staticmethod
+    def _in_context(beam: _Beam, node: Node) -> SentenceInContext:
+        job = beam.job
+        templated = job.prompt_text is not None
+        return SentenceInContext(job.image, job.image_data, node.text.strip(),
+                                 job.prompt_text if templated else job.question,
+                                 tuple(beam.prefix[node.parent]), tuple(node.token_ids), templated)
 
     def _prune(self, beam: _Beam, children: list[Node], last_step: bool) -> None:
         pool = []

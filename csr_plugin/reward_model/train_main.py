@@ -14,7 +14,6 @@ Writes ``<out>/rm_metrics.jsonl`` (a line per optimizer step, and per epoch the 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -27,6 +26,7 @@ import torch
 from csr_plugin.config import DPOConfig, Recipe, RewardModelConfig, load_recipe
 from csr_plugin.training.checkpoints import COMPLETE
 from csr_plugin.training.device import comm_device, make_strategy
+from csr_plugin.training.rank_cli import rank_arguments
 
 METRICS = "rm_metrics.jsonl"
 
@@ -223,16 +223,7 @@ def train_rm(recipe: Recipe, model_path: str, pairs: str, out_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="one rank of csr train-rm")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--model", help="backbone VLM (default: model.path)")
-    parser.add_argument("--pairs", help="pairs JSONL (default: rm.pairs)")
-    parser.add_argument("--out", help="output folder (default: output_dir)")
-    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    if args.local_rank != -1:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    args = rank_arguments("one rank of csr train-rm", argv)
     recipe = load_recipe(args.config, args.overrides)
     train_rm(recipe, args.model or recipe.model.path, args.pairs or recipe.rm.pairs, args.out or recipe.output_dir)
 

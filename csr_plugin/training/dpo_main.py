@@ -11,7 +11,6 @@ What is saved where: checkpoints.py.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from csr_plugin.training.checkpoints import (COMPLETE, hf_checkpoint_dir, remove
                                              save_last_ds_ckpt)
 from csr_plugin.training.device import make_strategy, partition_while_loading
 from csr_plugin.training.openrlhf_args import as_namespace, dpo_flags
+from csr_plugin.training.rank_cli import rank_arguments
 from csr_plugin.training.tracking import check_wandb_login, wandb_env
 
 _VISION_PARTS = ("vision_tower", "vision_model", "visual.", "image_encoder")
@@ -172,19 +172,9 @@ def _truncate_metrics(path: Path, keep_until_step: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="one rank of csr train-dpo")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--model", help="model to train (default: model.path)")
-    parser.add_argument("--pairs", help="pairs JSONL (default: dpo.pairs)")
-    parser.add_argument("--out", help="output folder (default: output_dir)")
-    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    if args.local_rank != -1:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    args = rank_arguments("one rank of csr train-dpo", argv)
     recipe = load_recipe(args.config, args.overrides)
-    train_dpo(recipe, args.model or recipe.model.path, args.pairs or recipe.dpo.pairs,
-              args.out or recipe.output_dir)
+    train_dpo(recipe, args.model or recipe.model.path, args.pairs or recipe.dpo.pairs, args.out or recipe.output_dir)
 
 
 if __name__ == "__main__":

@@ -42,19 +42,34 @@ def preflight(recipe: Recipe, loop: bool = False) -> None:
                           "`dpo.lora_merge: true`, or train once with `csr train-dpo`.")
 
 
+def rank_command(module: str, nproc: int, worker: list[str], master_port: int | None = None,
+                 hostfile: str | None = None) -> list[str]:
+    """The command that starts ``python -m module`` as ``nproc`` ranks (or as the hostfile's ranks)."""
+    if hostfile:
+        # The master is the hostfile's first node; the port must be free there. When this machine is
+        # not that node, set the master port to a port known to be open on it.
+        port = master_port or free_port()
+        return ["deepspeed", "--hostfile", hostfile, "--master_port", str(port), "--module", module, *worker]
+    rendezvous = [f"--master_port={master_port}"] if master_port else ["--standalone"]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *rendezvous,
+            "-m", module, *worker]
+
+
 def worker_command(recipe: Recipe, config_path: str, overrides: list[str], model: str, pairs: str,
                    out_dir: str) -> list[str]:
     cfg = recipe.dpo
     worker = ["--config", config_path, "--model", model, "--pairs", pairs, "--out", out_dir, *overrides]
-    if cfg.hostfile:
-        # The master is the hostfile's first node; the port must be free there. When this machine is
-        # not that node, set dpo.master_port to a port known to be open on it.
-        port = cfg.master_port or free_port()
-        return ["deepspeed", "--hostfile", cfg.hostfile, "--master_port", str(port),
-                "--module", "csr_plugin.training.dpo_main", *worker]
-    rendezvous = [f"--master_port={cfg.master_port}"] if cfg.master_port else ["--standalone"]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc}", *rendezvous,
-            "-m", "csr_plugin.training.dpo_main", *worker]
+    return rank_command("csr_plugin.training.dpo_main", cfg.nproc, worker, cfg.master_port, cfg.hostfile)
+
+
+def launch_ranks(command: list[str], nproc: int, log_file: str | Path | None, what: str) -> int:
+    """Run the launcher; its and every rank's output go to ``log_file`` when given (quiet mode)."""
+    env = dict(os.environ)
+    # ranks share the cores: without this each would start a thread per core and they would contend
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    if log_file is not None:
+        return run_logged(command, log_file, env, what=what)
+    return subprocess.run(command, env=env).returncode
 
 
 def run_dpo(recipe: Recipe, config_path: str, overrides: list[str], model: str, pairs: str, out_dir: str,
@@ -70,9 +85,5 @@ def run_dpo(recipe: Recipe, config_path: str, overrides: list[str], model: str, 
 
         train_dpo(recipe, model, pairs, out_dir)
         return 0
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // recipe.dpo.nproc)))
-    command = worker_command(recipe, config_path, overrides, model, pairs, out_dir)
-    if log_file is not None:
-        return run_logged(command, log_file, env, what="DPO")
-    return subprocess.run(command, env=env).returncode
+    return launch_ranks(worker_command(recipe, config_path, overrides, model, pairs, out_dir), recipe.dpo.nproc,
+                        log_file, "DPO")

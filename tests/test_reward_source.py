@@ -93,8 +93,11 @@ def test_clip_source_gives_exactly_todays_rewards(tiny_recipe_dict, tiny_clip, j
     engine, prompt_jobs = jobs
     image = prompt_jobs[0].image_data
     texts = ["A red circle.", "A blue square is here.", "Two shapes"]
-    items = [SentenceInContext("img", image, t, "q", (5, 6), (7,)) for t in texts]
-    assert built.visual(items) == tiny_clip.score([("img", image, t) for t in texts])
+    # the image's own path as its cache key: the session's tiny_clip caches embeddings by key, and other
+    # tests cache other images under short keys such as "img"
+    key = prompt_jobs[0].image
+    items = [SentenceInContext(key, image, t, "q", (5, 6), (7,)) for t in texts]
+    assert built.visual(items) == tiny_clip.score([(key, image, t) for t in texts])
 
     search = dict(tiny_recipe_dict["search"], max_sentences=2, max_new_tokens=8)
     trees = [[t.to_json() for t in SentenceBeamSearch(engine, clip, SearchConfig(**search), recipe.reward,

@@ -257,7 +257,7 @@ def train_ppo(recipe: Recipe, config_path: str, overrides: list[str]) -> int:
 
     if not torch.cuda.is_available():
         raise NoGPUError("csr train-ppo needs GPUs: OpenRLHF's PPO places its models on GPUs and rolls out "
-                           "with vLLM. `csr recipe show` prints the commands to run on a GPU cluster.")
+                         "with vLLM. `csr recipe show` prints the commands to run on a GPU cluster.")
     prompts, skipped = write_ppo_prompts(recipe)
     if skipped:
         print(f"csr train-ppo: {skipped} prompts skipped (no image or empty question); see `csr sample` errors.")

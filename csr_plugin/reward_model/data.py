@@ -25,7 +25,7 @@ def pair_ids(base) -> list[str]:
     """Each usable pair's ``id`` field; a pair without one is named by its line number in the file."""
     ids = []
     for index, line in enumerate(base.line_numbers):
-        value = base._record(index).get("id")
+        value = base.record(index).get("id")
         ids.append(str(value) if value is not None else f"line:{line}")
     return ids
 
@@ -46,13 +46,6 @@ def split_by_id(ids: list[str], eval_fraction: float) -> tuple[list[int], list[i
     return train, evaluation
 
 
-def response_ids(base, index: int) -> tuple[list[int], list[int]]:
-    """A pair's chosen and rejected response ids without decoding its image (for the cut lengths)."""
-    record = base._record(index)
-    prompt_text = base._prompt_text(record)
-    return base._response_ids(record, "chosen", prompt_text), base._response_ids(record, "rejected", prompt_text)
-
-
 class RewardPairs(Dataset):
     """(pair, cut) items of some pairs of ``base``; ``partial=False``: each pair whole, once."""
 
@@ -63,7 +56,7 @@ class RewardPairs(Dataset):
         responses = []
         for i in (self.indices if partial else []):
             try:
-                chosen, rejected = response_ids(base, i)
+                chosen, rejected = base.response_ids(i)   # no image decoding: cut lengths only
                 responses.append((chosen, rejected) if chosen != rejected else None)
             except ValueError as exc:   # trained whole; if it fails then too, base swaps it for the next pair
                 log.warning("pair on line %d: %s; trained on its full responses only", base.line_numbers[i], exc)

@@ -160,6 +160,16 @@ class MultimodalPreferenceDataset(Dataset):
             f.seek(self.offsets[index])
             return json.loads(f.readline().decode("utf-8"))
 
+    def record(self, index: int) -> dict:
+        """The pair's JSONL record, as written (no tokenizing, no image decoding)."""
+        return self._record(index)
+
+    def response_ids(self, index: int) -> tuple[list[int], list[int]]:
+        """The pair's chosen and rejected response ids as the trainer sees them, without decoding its image."""
+        record = self._record(index)
+        prompt_text = self._prompt_text(record)
+        return self._response_ids(record, "chosen", prompt_text), self._response_ids(record, "rejected", prompt_text)
+
     def _prompt_text(self, record: dict) -> str:
         if getattr(self.processor, "chat_template", None):
             return self.processor.apply_chat_template(record["prompt"], add_generation_prompt=True, tokenize=False)

@@ -138,7 +138,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_ppo(args: argparse.Namespace) -> int:
-    from csr_plugin.openrlhf.ppo import NoGPUError, train_ppo, write_ppo_prompts, write_working_dir
+    from csr_plugin.openrlhf.ppo import train_ppo, write_ppo_prompts, write_working_dir
 
     recipe = load_recipe(args.config, args.overrides)
     if args.prepare_only:
@@ -147,11 +147,8 @@ def _cmd_train_ppo(args: argparse.Namespace) -> int:
         # `ray job submit --runtime-env-json` (csr recipe show) uploads this folder to every node
         print(f"Ray working_dir: {write_working_dir(recipe, args.config, args.overrides)}")
         return 0
-    try:
-        return train_ppo(recipe, args.config, args.overrides)
-    except NoGPUError as exc:
-        print(f"csr train-ppo: error: {exc}", file=sys.stderr)
-        return 2
+    _route_logs(recipe.output_dir)
+    return train_ppo(recipe, args.config, args.overrides)
 
 
 def _cmd_recipe_show(args: argparse.Namespace) -> int:
@@ -294,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     _quiet_by_default(p)
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("train-ppo", help="OpenRLHF PPO / REINFORCE with CSR rollouts and step-wise rewards (GPUs)",
+    p = sub.add_parser("train-ppo", help="OpenRLHF PPO / REINFORCE with CSR rollouts and step-wise rewards",
                        description="Runs openrlhf.cli.train_ppo_ray with our agent executor in its vLLM engines "
                                    "and, with ppo.dense_rewards, each sentence's reward at its last token.")
     p.add_argument("--config", required=True, help="recipe YAML with a `ppo` section")
@@ -302,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only write the OpenRLHF prompt dataset and the Ray working_dir (for `ray job submit`, "
                         "see `csr recipe show`)")
     _add_overrides(p)
+    _quiet_by_default(p)
     p.set_defaults(func=_cmd_train_ppo)
 
     p = sub.add_parser("recipe", help="`csr recipe show R.yaml`: the exact csr / torchrun / OpenRLHF / ray commands",

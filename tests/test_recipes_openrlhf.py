@@ -127,8 +127,9 @@ def test_train_ppo_prepares_openrlhf_prompts_and_its_ray_environment(tiny_recipe
     assert scalar["working_dir"] == env["working_dir"] and scalar["py_modules"] == env["py_modules"]
 
     if not __import__("torch").cuda.is_available():
+        # the recipe's defaults are GPU settings: refused before Ray starts, naming the key and the fix
         assert main(["train-ppo", "--config", str(path)]) == 2
-        assert "needs GPUs" in capsys.readouterr().err
+        assert "ppo.colocate_all=false" in capsys.readouterr().err
 
 
 # -- how the recipe and its overrides reach Ray workers on other nodes (tests/test_multinode.py runs them) --

@@ -9,11 +9,12 @@ flags, the Ray runtime environment, and the exact shell commands.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from csr_plugin.config import ConfigError, Recipe
 from csr_plugin.openrlhf import AGENT_FILE
@@ -32,10 +33,6 @@ _LOADED_BY_PATH = {  # file in the working_dir -> (what OpenRLHF loads from it, 
     WORKER_AGENT_FILE: ("csr_plugin.openrlhf.agent", "AgentExecutor", "--train.agent_func_path"),
     WORKER_REWARD_FILE: ("csr_plugin.openrlhf.reward_func", "reward_func", "--reward.remote_url"),
 }
-
-
-class NoGPUError(RuntimeError):
-    """OpenRLHF's PPO cannot run on this machine."""
 
 
 def ppo_dir(recipe: Recipe) -> Path:
@@ -209,7 +206,7 @@ def launch_flags(recipe: Recipe, prompts_file: str | Path) -> dict[str, Any]:
     return flags
 
 
-def runtime_env(recipe: Recipe) -> dict:
+def runtime_env(recipe: Recipe, cpu: bool = False) -> dict:
     """Ray runtime environment of a PPO run: csr_plugin (py_modules), the working_dir with the recipe and
     the agent file, CSR_RECIPE naming the shipped recipe, and the step-wise reward hook when asked for.
 
@@ -228,6 +225,12 @@ def runtime_env(recipe: Recipe) -> dict:
         env = dense_runtime_env(env_vars)
     else:
         env = {"env_vars": env_vars}
+    if cpu:
+        from csr_plugin.openrlhf import ppo_on_cpu
+
+        # one setup hook per job: the CPU one also runs the step-wise reward hook
+        env["worker_process_setup_hook"] = ppo_on_cpu.HOOK
+        env["env_vars"].update(ppo_on_cpu.worker_env())
     return {**env, "working_dir": str(working_dir(recipe)), "py_modules": [str(package_dir())]}
 
 
@@ -250,30 +253,112 @@ def shell_commands(recipe: Recipe, config_path: str, overrides: list[str]) -> li
 
 
 def train_ppo(recipe: Recipe, config_path: str, overrides: list[str]) -> int:
-    """Run OpenRLHF's train_ppo_ray in this process, on a local or given Ray cluster."""
+    """Run OpenRLHF's train_ppo_ray in this process, on a local or given Ray cluster; without CUDA, with
+    the CPU stand-ins of ppo_on_cpu.py."""
     import runpy
 
     import torch
 
-    if not torch.cuda.is_available():
-        raise NoGPUError("csr train-ppo needs GPUs: OpenRLHF's PPO places its models on GPUs and rolls out "
-                         "with vLLM. `csr recipe show` prints the commands to run on a GPU cluster.")
-    prompts, skipped = write_ppo_prompts(recipe)
-    if skipped:
-        print(f"csr train-ppo: {skipped} prompts skipped (no image or empty question); see `csr sample` errors.")
-    write_working_dir(recipe, config_path, overrides)
+    from csr_plugin import run_logs
+
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        check_cpu_recipe(recipe)
+    # quiet: what the libraries, Ray and train_ppo_ray print goes to logs/train_ppo.log (file descriptors
+    # included: DeepSpeed's op checks print from compiler subprocesses); our stage lines to the terminal
+    with _output_to(run_logs.subprocess_log(recipe.output_dir, "train_ppo")) as terminal:
+        prompts, skipped = write_ppo_prompts(recipe)
+        if skipped:
+            print(f"csr train-ppo: {skipped} prompts skipped (no image or empty question); see `csr sample` "
+                  "errors.", file=terminal, flush=True)
+        write_working_dir(recipe, config_path, overrides)
+        _start_ray(recipe, cpu, terminal)
+        from csr_plugin.openrlhf.cli_args import argv_as
+
+        flags = launch_flags(recipe, prompts)
+        if cpu:
+            from csr_plugin.openrlhf.ppo_on_cpu import install_driver
+
+            install_driver(recipe)
+            flags.update(CPU_FLAGS)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        print(f"csr train-ppo: OpenRLHF train_ppo_ray, {recipe.ppo.estimator}, "
+              f"{'step-wise' if recipe.ppo.dense_rewards else 'response'} rewards"
+              f"{', CPU stand-ins (no CUDA)' if cpu else ''}", file=terminal, flush=True)
+        with argv_as([PPO_MODULE, *to_argv(flags)]):
+            runpy.run_module(PPO_MODULE, run_name="__main__", alter_sys=False)
+        print(f"csr train-ppo: done: model {flags['ckpt.output_dir']}, checkpoints {flags['ckpt.path']}",
+              file=terminal, flush=True)
+    return 0
+
+
+def _start_ray(recipe: Recipe, cpu: bool, terminal) -> None:
     import ray
 
-    if not ray.is_initialized():
-        # OpenRLHF's train() keeps a Ray that is already up, so our runtime_env reaches every worker.
-        ray.init(address=recipe.ppo.ray_address or None, runtime_env=runtime_env(recipe))
-    elif ray.get_runtime_context().runtime_env.get("env_vars", {}).get("CSR_RECIPE") != WORKER_RECIPE:
-        # Without our runtime_env no worker has the agent file or the recipe: fail here, not in every engine.
-        raise RuntimeError("Ray is already initialised in this process without csr's runtime_env; call "
-                           "ray.shutdown() first, or ray.init(runtime_env=csr_plugin.openrlhf.ppo.runtime_env(recipe)).")
-    from csr_plugin.openrlhf.cli_args import argv_as
+    from csr_plugin import run_logs
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with argv_as([PPO_MODULE, *to_argv(launch_flags(recipe, prompts))]):
-        runpy.run_module(PPO_MODULE, run_name="__main__", alter_sys=False)
-    return 0
+    if ray.is_initialized():
+        if ray.get_runtime_context().runtime_env.get("env_vars", {}).get("CSR_RECIPE") != WORKER_RECIPE:
+            # Without our runtime_env no worker has the agent file or the recipe: fail here, not in every engine.
+            raise RuntimeError("Ray is already initialised in this process without csr's runtime_env; call "
+                               "ray.shutdown() first, or ray.init(runtime_env=csr_plugin.openrlhf.ppo.runtime_env("
+                               "recipe)).")
+        return   # OpenRLHF's train() keeps a Ray that is already up, so our runtime_env reaches every worker
+    from csr_plugin.openrlhf.ppo_on_cpu import ray_resources
+    from csr_plugin.sampling.ray_driver import report_actor_logs
+
+    quiet = run_logs.is_quiet()
+    local = ray_resources(recipe.ppo) if cpu and not recipe.ppo.ray_address else {}
+    if quiet:   # every actor's output stays in the Ray session's log folder, reported below
+        run_logs.adopt_logger("ray")
+    ray.init(address=recipe.ppo.ray_address or None, runtime_env=runtime_env(recipe, cpu=cpu),
+             include_dashboard=False, log_to_driver=not quiet, configure_logging=not quiet, **local)
+    with contextlib.redirect_stdout(terminal):
+        report_actor_logs()
+
+
+@contextlib.contextmanager
+def _output_to(path: Optional[Path]):
+    """Yield the terminal; with a path, this process's stdout and stderr (file descriptors 1 and 2, so
+    subprocesses and C libraries too) go to that file meanwhile."""
+    import sys
+
+    if path is None:
+        yield sys.stdout
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(path, "a") as sink, os.fdopen(os.dup(saved[0]), "w") as terminal:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield terminal
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+# Without CUDA: weights reach vLLM over gloo (ppo_on_cpu.GlooBroadcastGroup; OpenRLHF's "nccl" would
+# take the CUDA IPC path), and vLLM runs without graphs.
+CPU_FLAGS = {"vllm.sync_backend": "gloo", "vllm.enforce_eager": True}
+
+
+def check_cpu_recipe(recipe: Recipe) -> None:
+    """What a recipe cannot ask for on a machine without CUDA, with the setting that works."""
+    cfg = recipe.ppo
+    if cfg.colocate_all:
+        raise ConfigError("ppo.colocate_all: true needs GPUs (vLLM sleep mode and CUDA IPC weight sync); set "
+                          "ppo.colocate_all=false on a machine without CUDA.")
+    if cfg.attn_implementation.startswith("flash"):
+        raise ConfigError(f"ppo.attn_implementation: {cfg.attn_implementation} is a CUDA kernel; set "
+                          "ppo.attn_implementation=sdpa (or eager) on a machine without CUDA.")
+    if cfg.vllm_tp != 1:
+        raise ConfigError("ppo.vllm_tp > 1 runs vLLM workers through Ray with NCCL; set ppo.vllm_tp=1 on a "
+                          "machine without CUDA.")

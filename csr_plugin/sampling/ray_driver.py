@@ -53,11 +53,11 @@ def _connect(ray, address: Optional[str]) -> bool:
         warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)
         ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING, configure_logging=not quiet)
-    _report_actor_logs()
+    report_actor_logs()
     return True
 
 
-def _report_actor_logs() -> None:
+def report_actor_logs() -> None:
     """Where the actors' stdout and stderr are: Ray's session logs folder on this node (linked as
     <output_dir>/logs/ray_session in quiet mode). Not known for a ray:// client connection."""
     from csr_plugin import run_logs

@@ -69,7 +69,9 @@ def _install_cpu_safe_helpers() -> None:
 
 
 def make_strategy(args):
-    """OpenRLHF's DeepspeedStrategy, made to run unchanged on CPU (gloo) and GPU (NCCL)."""
+    """OpenRLHF's DeepspeedStrategy, made to run unchanged on CPU (gloo) and GPU (NCCL): csr's DPO worker
+    builds it in each rank; for PPO, OpenRLHF's driver builds it (ppo_on_cpu.py) and pickles it to its
+    Ray actors, whose setup_distributed then installs the CPU helpers in that process."""
     from openrlhf.utils.deepspeed import DeepspeedStrategy
 
     _install_cpu_safe_helpers()
@@ -78,12 +80,13 @@ def make_strategy(args):
         def setup_distributed(self, timeout=timedelta(minutes=60)) -> None:
             if on_gpu():
                 return super().setup_distributed(timeout)
+            _install_cpu_safe_helpers()  # in this process: a PPO rank is not the one that built the strategy
             import deepspeed
             import transformers
             from torch.distributed.device_mesh import init_device_mesh
 
             transformers.set_seed(self.seed)
-            if self.args.local_rank != -1:
+            if getattr(self.args, "local_rank", -1) != -1:
                 os.environ["LOCAL_RANK"] = str(self.args.local_rank)
             deepspeed.init_distributed(dist_backend="gloo", timeout=timeout)
             self.world_size = dist.get_world_size()
@@ -123,6 +126,9 @@ def make_strategy(args):
             dist.all_gather(gathered, tensor)
             return torch.cat(gathered)
 
-    return DeviceAwareStrategy(seed=args.train.seed, max_norm=args.max_norm,
-                               micro_train_batch_size=args.train.micro_batch_size,
-                               train_batch_size=args.train.batch_size, zero_stage=args.ds.zero_stage, args=args)
+    # the fields OpenRLHF's own get_strategy reads
+    return DeviceAwareStrategy(seed=getattr(args.train, "seed", 42),
+                               max_norm=getattr(args, "max_norm", 1.0),
+                               micro_train_batch_size=getattr(args.train, "micro_batch_size", 1),
+                               train_batch_size=getattr(args.train, "batch_size", 128),
+                               zero_stage=args.ds.zero_stage, args=args)

@@ -320,8 +320,9 @@ class PPOConfig:
                        "flash_reinforce"] = _help(
         "OpenRLHF advantage estimator (gae needs a critic, which OpenRLHF 0.11 does not train for VLMs).",
         default="reinforce_baseline")
-    dense_rewards: bool = _help("Step-wise rewards: each sentence's calibrated reward at its last token "
-                                "(docs/ppo.md). false = one scalar per response, OpenRLHF unchanged.", default=True)
+    dense_rewards: bool = _help("Step-wise rewards: each sentence's calibrated reward less the mean sentence "
+                                "reward of its prompt's rollouts, at its last token (docs/ppo.md, \"The step "
+                                "reward\"). false = one scalar per response, OpenRLHF unchanged.", default=True)
     n_samples_per_prompt: int = _help("Rollouts per prompt (group estimators need >= 2).", default=4)
     rollout_batch: int = _help("Prompts per rollout round.", default=32)
     micro_rollout_batch: int = _help("Samples per GPU per experience forward.", default=4)

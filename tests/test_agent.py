@@ -112,6 +112,18 @@ def _templated(processor, question):
     return prompt
 
 
+def _assert_logprobs_match_a_forward(response, prompt_len, model, processor, image, text):
+    tokens, logprobs = response["observation_tokens"], response["rollout_log_probs"]
+    assert len(logprobs) == len(tokens) and logprobs[:prompt_len] == [0.0] * prompt_len
+    inputs = processor(images=[Image.open(image).convert("RGB")], text=[text],
+                       add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tokens]), pixel_values=inputs["pixel_values"]).logits[0].float()
+    expected = logits[prompt_len - 1:-1].log_softmax(-1).gather(
+        -1, torch.tensor(tokens[prompt_len:])[:, None]).squeeze(-1)
+    assert logprobs[prompt_len:] == pytest.approx(expected.tolist(), abs=1e-4)
+
+
 def test_agent_rollout_is_a_valid_openrlhf_trajectory_with_every_candidate(rollout_actor, tiny_root,
                                                                            tiny_model_and_processor):
     actor, recipe, run = rollout_actor
@@ -153,15 +165,7 @@ def test_agent_rollout_is_a_valid_openrlhf_trajectory_with_every_candidate(rollo
     assert response["extra_logs"]["sentences"] == len(path)
 
     # rollout log-probs line up with the tokens: vLLM's equal one plain HF forward (fp32) within 1e-4
-    logprobs = response["rollout_log_probs"]
-    assert len(logprobs) == len(tokens) and logprobs[:len(prompt_ids)] == [0.0] * len(prompt_ids)
-    inputs = processor(images=[Image.open(image).convert("RGB")], text=[text],
-                       add_special_tokens=False, return_tensors="pt")
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([tokens]), pixel_values=inputs["pixel_values"]).logits[0].float()
-    expected = logits[len(prompt_ids) - 1:-1].log_softmax(-1).gather(
-        -1, torch.tensor(tokens[len(prompt_ids):])[:, None]).squeeze(-1)
-    assert logprobs[len(prompt_ids):] == pytest.approx(expected.tolist(), abs=1e-4)
+    _assert_logprobs_match_a_forward(response, len(prompt_ids), model, processor, image, text)
 
     # a step's expansions are in flight together (beam width 3 after the first step), so vLLM batches them
     assert engine.most_in_flight >= 2
@@ -200,3 +204,50 @@ def test_agent_refuses_a_prompt_without_an_image(rollout_actor, tiny_model_and_p
     with pytest.raises(ValueError, match="carries no image"):
         run(actor.executor.execute(prompt="Describe.", label="", sampling_params=None, max_length=256,
                                    hf_tokenizer=tiny_model_and_processor[1], llm_engine=actor, images=None))
+
+
+def test_one_candidate_is_one_plain_request_split_into_sentences_afterwards(rollout_actor, tiny_root,
+                                                                            tiny_model_and_processor):
+    import dataclasses
+
+    from openrlhf.utils.vlm_utils import process_prompt_with_images
+
+    from csr_plugin.openrlhf.agent import AgentExecutor
+    from csr_plugin.openrlhf.plain_rollout import sentence_token_ends
+
+    actor, recipe, run = rollout_actor
+    model, processor = tiny_model_and_processor
+    # the tiny model writes gibberish with few '.'; letters as delimiters give it several sentence ends
+    plain = dataclasses.replace(recipe, search=dataclasses.replace(
+        recipe.search, candidates=1, beam_width=1, keep_top=1, keep_bottom=0, delimiters=[".", "!", "?", *"aeiouns"]))
+    executor = AgentExecutor(plain)
+    engine = CountingEngine(actor)
+    record, image = _prompt(tiny_root)
+    text = _templated(processor, record["question"])
+    label = json.dumps({"id": record["id"], "image": image, "deterministic": True})
+    response = run(executor.execute(prompt=text, label=label, sampling_params=_params(), max_length=1024,
+                                    hf_tokenizer=processor, llm_engine=engine, images=[image]))
+
+    assert engine.candidates == [(1, 1)]  # the whole response in one request
+    prompt_ids, _, _ = process_prompt_with_images(processor, text, [image])
+    tokens = response["observation_tokens"]
+    generated = tokens[len(prompt_ids):]
+    budget = plain.search.max_new_tokens * plain.search.max_sentences
+    assert tokens[:len(prompt_ids)] == prompt_ids and 0 < len(generated) <= budget
+    assert response["truncated"] == (len(generated) == budget and generated[-1] != processor.tokenizer.eos_token_id)
+
+    # one node per sentence; together they are exactly the generated tokens, nothing dropped
+    nodes = response["csr_tree"]["nodes"][1:]
+    assert len(nodes) >= 2 and [n["parent"] for n in nodes] == list(range(len(nodes)))
+    assert [t for n in nodes for t in n["token_ids"]] == generated
+    ends = sentence_token_ends(processor.tokenizer, generated, plain.search.delimiters,
+                               {processor.tokenizer.eos_token_id})
+    assert [end for end, _ in response["csr_sentence_rewards"]] == [len(prompt_ids) + e for e in ends]
+    assert [r for _, r in response["csr_sentence_rewards"]] == pytest.approx([n["reward"] for n in nodes])
+    for node in nodes:  # R_T from the sentence's own log-probs, as the search scores a candidate
+        assert node["r_t"] == pytest.approx(sum(node["logprobs"]) / len(node["logprobs"]))
+        lam = plain.reward.lambda_
+        assert node["reward"] == pytest.approx(lam * node["r_i"] + (1 - lam) * node["r_t"])
+    # with ppo.dense_rewards the response's reward is the sum the trainer's patch centres
+    assert response["reward"] == pytest.approx(sum(n["reward"] for n in nodes))
+    _assert_logprobs_match_a_forward(response, len(prompt_ids), model, processor, image, text)

@@ -115,41 +115,46 @@ def returns_of(batches) -> list[torch.Tensor]:
 
 # Prompt of 3 tokens, response of 8 (observation tokens 3..10, action positions 2..9).
 # Sentences end (exclusive) at observation 6, 9, 11 -> last tokens 5, 8, 10 -> action positions 4, 7, 9.
-THREE = [(6, 1.0), (9, -0.5), (11, 2.0)]
+# Their mean is 1.0: alone in its prompt group (n = 1) the sample's step rewards are 0.5, -2.5, 2.0.
+THREE = [(6, 1.5), (9, -1.5), (11, 3.0)]
 
 
 def test_rewards_sit_at_sentence_ends_and_returns_are_the_rewards_still_ahead(orl):
     plain = response(2, 3, 0.75)  # no sentence rewards: scalar at its last token, in the same micro-batch
-    batches = run(orl, args_for("reinforce"), [response(3, 8, 2.5, THREE), plain])
-    dense, scalar = returns_of(batches)
-    # action positions 2..4 still have all three sentences ahead, 5..7 the last two, 8..9 the last one
-    assert dense.tolist() == [2.5, 2.5, 2.5, 1.5, 1.5, 1.5, 2.0, 2.0]
-    assert dense[0].item() == 2.5  # the first token's return is the scalar sum, as in OpenRLHF
+    # two prompts of two rollouts: THREE with a twin of mean 1.0 (b = 1.0), the plain one with a twin
+    batches = run(orl, args_for("reinforce", n=2, micro=4),
+                  [response(3, 8, 3.0, THREE), response(3, 2, 1.0, [(5, 1.0)]), plain, plain])
+    dense, _, scalar, _ = returns_of(batches)
+    # action positions 2..4 still have all three step rewards ahead, 5..7 the last two, 8..9 the last one
+    assert dense.tolist() == [0.0, 0.0, 0.0, -0.5, -0.5, -0.5, 2.0, 2.0]
+    assert dense[0].item() == 0.0  # the first token's return is the centred total 3.0 - 3 x 1.0
     full = batches[0].returns[0]  # (A,) over all positions; gamma = 1: reward_t = G_t - G_{t+1}
     rewards = full - torch.cat([full[1:], torch.zeros(1)])
-    assert rewards[2:].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0, -0.5, 0.0, 2.0]
-    assert scalar.tolist() == [0.75, 0.75, 0.75]
-    assert batches[0].info["return"].tolist() == [2.5, 0.75]  # OpenRLHF's logged per-sample return
-    assert dr.INFO_KEY not in batches[0].info  # popped before anything logs info
+    assert rewards[2:].tolist() == [0.0, 0.0, 0.5, 0.0, 0.0, -2.5, 0.0, 2.0]
+    assert scalar.tolist() == [0.75, 0.75, 0.75]  # no sentences: nothing centred, OpenRLHF's scalar
+    assert batches[0].info["return"].tolist() == [0.0, 0.0, 0.75, 0.75]  # OpenRLHF's logged per-sample return
+    assert batches[0].info[dr.BASELINE_KEY].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert dr.INFO_KEY not in batches[0].info and dr.COUNT_KEY not in batches[0].info  # popped before logging
 
 
 def test_kl_penalty_is_added_at_every_token(orl):
-    # prompt 2 + response 4: action positions 1..4; sentences end at action 2 (reward 1) and 4 (reward 3)
+    # prompt 2 + response 4: action positions 1..4; sentences end at action 2 (reward 1) and 4 (reward 3);
+    # alone in its group, b = 2: step rewards -1 and 1, total 0
     kl = [torch.tensor([0.5, 1.0, 2.0, 0.0, 4.0])]
     (returns,) = returns_of(run(orl, args_for("reinforce"), [response(2, 4, 4.0, [(4, 1.0), (6, 3.0)])],
                                 kl_coef=0.5, kl=kl))
-    # token rewards: -0.5, 1 - 1.0, 0, 3 - 2.0  ->  returns 0.5, 1, 1, 1
-    assert returns.tolist() == [0.5, 1.0, 1.0, 1.0]
+    # token rewards: -0.5, -1 - 1.0, 0, 1 - 2.0  ->  returns -3.5, -3, -1, -1
+    assert returns.tolist() == [-3.5, -3.0, -1.0, -1.0]
 
 
 def test_gae_runs_openrlhf_own_gae_on_the_dense_rewards(orl):
     gamma, lambd, kl_coef = 0.9, 0.8, 0.1
     kl = [torch.linspace(0.0, 0.9, 10)]
     values = [torch.tensor([0.0, 0.0, 0.3, -0.2, 0.5, 0.1, 0.4, -0.3, 0.2, 0.6])]
-    (batch,) = run(orl, args_for("gae", gamma=gamma, lambd=lambd), [response(3, 8, 2.5, THREE)],
+    (batch,) = run(orl, args_for("gae", gamma=gamma, lambd=lambd), [response(3, 8, 3.0, THREE)],
                    kl_coef=kl_coef, kl=kl, values=values)
     expected = torch.zeros(1, 10)
-    expected[0, 4], expected[0, 7], expected[0, 9] = 1.0, -0.5, 2.0
+    expected[0, 4], expected[0, 7], expected[0, 9] = 0.5, -2.5, 2.0  # THREE less its mean 1.0
     expected -= kl_coef * kl[0]
     gae = object.__new__(orl.em.RemoteExperienceMaker).get_advantages_and_returns  # stateless
     _, want = gae(values[0][None], expected, batch.action_mask, gamma, lambd)
@@ -172,6 +177,19 @@ def group_responses():
     return out
 
 
+def centred(responses, n):
+    """The responses with each sentence reward less its prompt group's mean sentence reward, by hand."""
+    out = []
+    for g in range(0, len(responses), n):
+        group = responses[g:g + n]
+        sentences = [reward for r in group for _, reward in r[dr.RESPONSE_KEY]]
+        b = sum(sentences) / len(sentences)
+        for r in group:
+            steps = [(end, reward - b) for end, reward in r[dr.RESPONSE_KEY]]
+            out.append({**r, "reward": sum(s for _, s in steps), dr.RESPONSE_KEY: steps})
+    return out
+
+
 @pytest.mark.parametrize("estimator", ["rloo", "reinforce_baseline", "group_norm", "dr_grpo", "flash_reinforce"])
 def test_group_baselines_apply_to_the_whole_response(orl, request, estimator):
     # micro-batches of 2 cut across the prompt groups of 3 and are handed over in reverse order;
@@ -179,13 +197,16 @@ def test_group_baselines_apply_to_the_whole_response(orl, request, estimator):
     args = args_for(estimator, n=3, micro=2, stop_properly_penalty_coef=0.5)
     responses = group_responses()
     dense = returns_of(run(orl, args, responses, reverse=True))
+    # OpenRLHF's unpatched scalar path, given the centred totals (computed by hand) as the rewards
+    steps = centred(responses, 3)
     request.getfixturevalue("unpatched")
-    scalar = returns_of(run(orl, args_for(estimator, n=3, micro=2, stop_properly_penalty_coef=0.5), responses,
+    scalar = returns_of(run(orl, args_for(estimator, n=3, micro=2, stop_properly_penalty_coef=0.5), steps,
                             reverse=True))
 
-    totals = torch.tensor([r["reward"] * (0.5 if r["truncated"] else 1.0) for r in responses])
+    totals = torch.tensor([r["reward"] * (0.5 if r["truncated"] else 1.0) for r in steps])
+    assert abs(totals[3:].sum()) > 0.1  # the penalty on sample 4 breaks its group's zero sum: a real baseline
     stds = totals.reshape(-1, 3).std(-1).repeat_interleave(3)
-    for i, r in enumerate(responses):
+    for i, r in enumerate(steps):
         assert torch.allclose(dense[i][0], scalar[i][0], atol=1e-6), (i, dense[i], scalar[i])
         assert torch.all(scalar[i] == scalar[i][0])  # OpenRLHF: one value over the whole response
         a = 1.0 / (stds[i].item() + 1e-9) if estimator == "group_norm" else 1.0
@@ -206,9 +227,10 @@ def test_group_norm_group_of_equal_totals_gets_no_dense_part(orl):
 
 def test_clip_range_bounds_each_sentence_reward_and_openrlhf_scalar_residual(orl):
     (returns,) = returns_of(run(orl, args_for("reinforce", clip=(-1.0, 1.0)),
-                                [response(3, 8, 2.5, [(6, 3.0), (9, -0.5), (11, 0.0)])]))
-    # 3.0 -> 1.0 at action 4; -0.5 kept at action 7; residual 2.5 - 2.5 = 0 at the last token
-    assert returns.tolist() == [0.5, 0.5, 0.5, -0.5, -0.5, -0.5, 0.0, 0.0]
+                                [response(3, 8, 3.0, [(6, 4.0), (9, -1.5), (11, 0.5)])]))
+    # b = 1.0: step rewards 3.0 -> 1.0 at action 4, -2.5 -> -1.0 at action 7, -0.5 kept at action 9;
+    # the residual 0 - 0 = 0 is computed from the unclamped values, so nothing comes back at the end
+    assert returns.tolist() == [-0.5, -0.5, -0.5, -1.5, -1.5, -1.5, -0.5, -0.5]
 
 
 @pytest.mark.parametrize("estimator", ["gae", "reinforce", "rloo", "group_norm"])
@@ -230,10 +252,10 @@ def test_scalar_mode_is_openrlhf_unchanged(orl, request, estimator):
 
 def test_truncated_sentences_land_on_the_last_kept_action(orl):
     # max_len 8 keeps observation tokens 0..7: action positions 2..6; sentences 2 and 3 end beyond
-    batches = run(orl, args_for("reinforce"), [response(3, 8, 2.5, THREE)], max_len=8)
+    batches = run(orl, args_for("reinforce"), [response(3, 8, 3.0, THREE)], max_len=8)
     (returns,) = returns_of(batches)
     assert batches[0].action_mask.shape == (1, 7)
-    assert returns.tolist() == [2.5, 2.5, 2.5, 1.5, 1.5]  # -0.5 + 2.0 both at action position 6
+    assert returns.tolist() == [0.0, 0.0, 0.0, -0.5, -0.5]  # step rewards -2.5 + 2.0 both at action position 6
 
 
 def test_token_rewards_skip_non_action_tokens(orl):
@@ -241,8 +263,9 @@ def test_token_rewards_skip_non_action_tokens(orl):
     # token) goes to action 2, the last action before it; one past max_len to action 6; one
     # before any action (last token at position 0) is dropped, so the scalar residual carries it
     mask = torch.tensor([[0, 1, 1, 0, 0, 1, 1]])
-    row = dr.token_rewards([(2, 8.0), (4, 1.0), (6, 2.0), (9, 4.0)], mask)
-    assert row.tolist() == [[0.0, 0.0, 3.0, 0.0, 0.0, 0.0, 4.0]]
+    rewards, counts = dr.token_rewards([(2, 8.0), (4, 1.0), (6, 2.0), (9, 4.0)], mask)
+    assert rewards.tolist() == [[0.0, 0.0, 3.0, 0.0, 0.0, 0.0, 4.0]]
+    assert counts.tolist() == [[0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 1.0]]  # the dropped one is not counted either
 
 
 def test_setup_hook_is_opt_in_and_patches_on_import(orl, unpatched, monkeypatch):

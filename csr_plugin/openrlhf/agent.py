@@ -17,13 +17,18 @@ keeps only vLLM's last streamed output), sentence-end stop tokens, the search's 
 the reward model of ``reward.source: mrm``, which reads OpenRLHF's templated prompt)
 loads once per worker process and is shared by all concurrent calls.
 
-The returned dict is OpenRLHF's trajectory for PPO: the best complete response
-of the tree (with ``search.candidates: 1`` and ``beam_width: 1`` that is plain
-on-policy sampling, sentence by sentence), its calibrated reward (the mean or
-sum of its sentence rewards, as ``curation.length_normalize`` says), the
-per-sentence rewards under ``csr_sentence_rewards`` for the step-wise PPO
-patch (``dense_rewards.py``; ignored by OpenRLHF otherwise), and the whole
-search tree under ``csr_tree`` for CSR data generation.
+With ``search.candidates: 1`` and ``beam_width: 1`` there is no search: the whole response
+is one plain request (OpenRLHF's sampling params, no sentence stop tokens), cut into
+sentences and scored afterwards, every generated token kept (plain_rollout.py).
+
+The returned dict is OpenRLHF's trajectory for PPO: the best complete response of the
+tree (the only one on the plain path), its reward, the calibrated reward of each sentence
+under ``csr_sentence_rewards`` ([[end, reward], ...], ``end`` one past the sentence in
+``observation_tokens``) for the step-wise PPO patch (``dense_rewards.py``, which centres
+them on the prompt group's mean; ignored by OpenRLHF otherwise), and the tree under
+``csr_tree`` for CSR data generation (a one-path tree on the plain path). The reward is
+the sum of the sentence rewards with ``ppo.dense_rewards`` (the patch then centres it),
+else the mean or the sum as ``curation.length_normalize`` says.
 
 Labels may be JSON ``{"id", "image", "question", "deterministic"}`` (all optional; a plain
 image path works too): ``id`` and ``question`` name the tree, ``deterministic`` seeds the
@@ -45,6 +50,7 @@ from csr_plugin.config import Recipe
 from csr_plugin.multimodal import processor_image_token_id
 from csr_plugin.openrlhf.env_recipe import recipe_from_env
 from csr_plugin.openrlhf.per_process import shared
+from csr_plugin.openrlhf.plain_rollout import is_plain, plain_params, response_tree
 from csr_plugin.openrlhf.response_reward import image_from_label
 from csr_plugin.sampling.engine import Continuation, EncodedPrompt, Expansion, never_sampled_ids
 from csr_plugin.sampling.search import Node, PromptJob, SearchTree, SentenceBeamSearch, path_score, root_path
@@ -136,8 +142,7 @@ class AgentExecutor(AgentExecutorBase):
             raise ValueError(f"prompt is {len(prompt_ids)} tokens; with search.max_new_tokens="
                              f"{recipe.search.max_new_tokens} it exceeds max_length={max_length}. Raise "
                              "--data.max_len / --rollout.max_new_tokens or shorten the prompt.")
-        engine = _AsyncEngine(llm_engine, asyncio.get_running_loop(), _rules_for(hf_tokenizer, recipe),
-                              sampling_params, max_context=max_length)
+        rules = _rules_for(hf_tokenizer, recipe)
         fields = _label_fields(label)
         tree_id = str(fields.get("id") or uuid.uuid4().hex)
         # A fresh nonce per call: OpenRLHF calls us n_samples_per_prompt times for one prompt, and each
@@ -147,12 +152,37 @@ class AgentExecutor(AgentExecutorBase):
         job = PromptJob(id=seed_key, image=image_key, question=str(fields.get("question") or prompt),
                         image_data=pil_images[0], encoded=EncodedPrompt(prompt_ids, {"image": pil_images}),
                         prompt_text=prompt)
-        search = SentenceBeamSearch(engine, self.clip, recipe.search, recipe.reward, recipe.curation)
         pool = shared("search-threads", lambda: ThreadPoolExecutor(SEARCH_THREADS, thread_name_prefix="csr-search"))
-        tree = (await asyncio.get_running_loop().run_in_executor(pool, search.run, [job]))[0]
+        loop = asyncio.get_running_loop()
+        if is_plain(recipe):
+            tree, tail = await self._plain(job, sampling_params, seed_key, max_length, llm_engine, rules, pool)
+            eos_tails = {}
+        else:
+            engine = _AsyncEngine(llm_engine, loop, rules, sampling_params, max_context=max_length)
+            search = SentenceBeamSearch(engine, self.clip, recipe.search, recipe.reward, recipe.curation)
+            tree = (await loop.run_in_executor(pool, search.run, [job]))[0]
+            tail, eos_tails = None, engine.eos_tails
         tree.id = tree_id
-        return self._response(prompt, label, images, mm_train_inputs, prompt_ids, tree, engine,
-                              with_logprobs=getattr(sampling_params, "logprobs", None) is not None)
+        return self._response(prompt, label, images, mm_train_inputs, prompt_ids, tree, rules.eos_ids, eos_tails,
+                              tail, with_logprobs=getattr(sampling_params, "logprobs", None) is not None)
+
+    async def _plain(self, job: PromptJob, sampling_params, seed_key: str, max_length: int, llm_engine,
+                     rules: VllmSentenceRules, pool) -> tuple[SearchTree, tuple[list[int], list[float]]]:
+        """One vLLM request for the whole response, split and scored afterwards (plain_rollout.py);
+        returns the one-path tree and the generated tokens no sentence covers (all of a response
+        without a word, else none)."""
+        search = self.recipe.search
+        budget = min(search.max_new_tokens * search.max_sentences, max_length - len(job.encoded.token_ids))
+        params = plain_params(sampling_params, self.recipe, seed_key, budget, rules.banned_ids)
+        request = await llm_engine.generate(job.encoded.token_ids, params, multi_modal_data=job.encoded.image_inputs)
+        output = request.outputs[0]
+        ids = list(output.token_ids)
+        logprobs = [step[token].logprob for step, token in zip(output.logprobs, ids)]
+        finish = "length" if output.finish_reason == "length" else "eos"
+        tree = await asyncio.get_running_loop().run_in_executor(
+            pool, response_tree, job, rules.tokenizer, ids, logprobs, finish, self.recipe, self.clip, rules.eos_ids)
+        covered = sum(len(n.token_ids) for n in tree.nodes)
+        return tree, (ids[covered:], logprobs[covered:])
 
     def _encode(self, prompt: str, label, images, processor):
         if not images:
@@ -170,7 +200,7 @@ class AgentExecutor(AgentExecutorBase):
         return prompt_ids, mm_train_inputs, pil_images, key
 
     def _response(self, prompt, label, images, mm_train_inputs, prompt_ids: list[int], tree: SearchTree,
-                  engine: _AsyncEngine, with_logprobs: bool) -> dict:
+                  eos_ids: set[int], eos_tails: dict, tail, with_logprobs: bool) -> dict:
         finals = [n for n in tree.nodes if n.final and n.parent is not None]
         normalize = self.recipe.curation.length_normalize
         best = max(finals, key=lambda n: path_score([p.reward for p in _path(tree, n)], normalize), default=None)
@@ -179,15 +209,17 @@ class AgentExecutor(AgentExecutorBase):
         for node in path:
             tokens += node.token_ids
             logprobs += node.logprobs
-            # sentence rewards sum to the response's reward: divided by the count when it is a mean
-            sentence_rewards.append([len(tokens), node.reward / len(path) if normalize else node.reward])
-        ends_with_eos = bool(path) and path[-1].token_ids[-1:] and path[-1].token_ids[-1] in engine.rules.eos_ids
-        if not path or (best.finish == "eos" and not ends_with_eos):
-            tail_ids, tail_logprobs = engine.eos_tails.get(tuple(tokens[len(prompt_ids):]), ([], []))
-            tokens += tail_ids
-            logprobs += tail_logprobs
-        # No complete response (every candidate filtered or an immediate EOS): nothing to score; reward 0.
-        reward = path_score([n.reward for n in path], normalize) if path else 0.0
+            sentence_rewards.append([len(tokens), node.reward])
+        ends_with_eos = bool(path) and path[-1].token_ids[-1:] and path[-1].token_ids[-1] in eos_ids
+        if tail is None and (not path or (best.finish == "eos" and not ends_with_eos)):
+            tail = eos_tails.get(tuple(tokens[len(prompt_ids):]), ([], []))
+        if tail is not None:
+            tokens += tail[0]
+            logprobs += tail[1]
+        # The step reward (docs/ppo.md) is the sum: the trainer's patch centres each sentence on its prompt
+        # group's mean, which keeps it from paying for length; without the patch the mean does that.
+        rewards = [n.reward for n in path]
+        reward = path_score(rewards, normalize and not self.recipe.ppo.dense_rewards) if path else 0.0
         count = max(len(path), 1)
         return {
             "prompt": prompt,

@@ -1,23 +1,28 @@
 """Step-wise (per-sentence) rewards for OpenRLHF's PPO / REINFORCE family, without forking OpenRLHF.
 
 OpenRLHF puts one scalar per response at its last token (``compute_reward`` in
-openrlhf/models/utils.py). With this patch each sentence's calibrated reward sits at
-that sentence's last token and flows through OpenRLHF's own advantage code (GAE,
-reinforce, rloo, reinforce_baseline, group_norm, dr_grpo, flash_reinforce):
+openrlhf/models/utils.py). With this patch each sentence's step reward (step_reward.py:
+its calibrated reward less the mean sentence reward of the prompt's group) sits at that
+sentence's last token and flows through OpenRLHF's own advantage code (GAE, reinforce,
+rloo, reinforce_baseline, group_norm, dr_grpo, flash_reinforce):
 
 * ``SamplesGenerator._process_response_into_experience`` is wrapped to turn the agent's
-  ``csr_sentence_rewards`` ([[end, reward], ...]) into a per-action-token row stored in
-  ``experience.info["csr_token_rewards"]`` (the only per-sample carrier that survives
+  ``csr_sentence_rewards`` ([[end, reward], ...]) into per-action-token rows of rewards and
+  sentence counts stored in ``experience.info`` (the only per-sample carrier that survives
   OpenRLHF's batching and Ray transport).
-* ``RemoteExperienceMaker.compute_advantages_and_returns`` is wrapped to pop that row
-  (logging never sees it) and to run the original method while the ``compute_reward`` it
-  calls returns, per sample, ``a * dense + (r - a * total) at the last token - kl_coef * kl``:
-  r is OpenRLHF's shaped scalar (length penalties, group baseline, group_norm scaling),
-  total the sample's sum of sentence rewards, a = 1 / (group std + 1e-9) for group_norm (0 for a
-  group whose totals coincide) and 1 otherwise. With gamma = 1 the first token's return is OpenRLHF's scalar-mode return.
+* ``RemoteExperienceMaker.compute_advantages_and_returns`` is wrapped to pop those rows
+  (logging never sees them), centre them on each prompt group's mean sentence reward b
+  (subtracting m * b from the sample's scalar reward too, m its sentence count), and run
+  the original method while the ``compute_reward`` it calls returns, per sample,
+  ``a * dense + (r - a * total) at the last token - kl_coef * kl``: r is OpenRLHF's shaped
+  scalar (length penalties, group baseline, group_norm scaling), total the sample's sum of
+  centred sentence rewards, a = 1 / (group std + 1e-9) for group_norm (0 for a group whose
+  totals coincide) and 1 otherwise. With gamma = 1 the first token's return is OpenRLHF's
+  scalar-mode return of the centred totals.
 
 Installed per Ray worker by ``runtime_env()`` (a ``worker_process_setup_hook``), opt-in with
-``CSR_DENSE_REWARDS=1``. docs/ppo.md, "Step-wise rewards", has the details and the reasons.
+``CSR_DENSE_REWARDS=1``. docs/ppo.md, "Step-wise rewards" and "The step reward", has the
+details and the reasons.
 """
 from __future__ import annotations
 
@@ -38,31 +43,38 @@ ENV_VAR = "CSR_DENSE_REWARDS"
 HOOK = "csr_plugin.openrlhf.dense_rewards.setup_hook"
 RESPONSE_KEY = "csr_sentence_rewards"
 INFO_KEY = "csr_token_rewards"
+COUNT_KEY = "csr_token_sentences"
+BASELINE_KEY = "step_reward_baseline"  # logged: the group's mean sentence reward b
 SAMPLES_GENERATOR = "openrlhf.trainer.ppo_utils.samples_generator"
 EXPERIENCE_MAKER = "openrlhf.trainer.ppo_utils.experience_maker"
 GROUP_STD_FLOOR = 1e-6
 _PATCHED = "_csr_dense_rewards"  # marks our wrappers: install() is idempotent, tests can check it
 
 
-def token_rewards(sentence_rewards: Sequence[Sequence[float]], action_mask: torch.Tensor) -> torch.Tensor:
-    """(1, A) float row aligned with ``action_mask`` (1, A): each sentence's reward at its last token.
+def token_rewards(sentence_rewards: Sequence[Sequence[float]],
+                  action_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, A) float rows aligned with ``action_mask`` (1, A): the rewards and the number of
+    sentences ending at each token.
 
     ``end`` indexes ``observation_tokens`` one past the sentence, and action position j is
     observation token j + 1 (action_mask = mask[1:max_len]), so the sentence's last token is
     action position end - 2. A sentence cut by max_len truncation, or ending on a non-action
     token, is credited to the last action position before its end; a reward with no action
-    position at or before its end is dropped here, and the residual term of compute_reward
-    then puts it at the last token (the row sum is what the residual subtracts).
+    position at or before its end is dropped here (not counted, not centred), and the residual
+    term of compute_reward then puts it at the last token (the row sum is what the residual
+    subtracts).
     """
     import torch
 
     actions = torch.nonzero(action_mask[0]).flatten().tolist()  # ascending action positions
-    row = torch.zeros(action_mask.shape, dtype=torch.float32)
+    rewards = torch.zeros(action_mask.shape, dtype=torch.float32)
+    counts = torch.zeros(action_mask.shape, dtype=torch.float32)
     for end, reward in sentence_rewards:
         k = bisect.bisect_right(actions, int(end) - 2) - 1
         if k >= 0:
-            row[0, actions[k]] += float(reward)
-    return row
+            rewards[0, actions[k]] += float(reward)
+            counts[0, actions[k]] += 1.0
+    return rewards, counts
 
 
 def _wrap_once(owner: Any, name: str, wrap: Callable[[Callable], Callable]) -> None:
@@ -84,7 +96,8 @@ def _dense_process_response(process: Callable) -> Callable:
         # Every sample gets a row, zeros when the agent sent none: OpenRLHF merges info dicts
         # key by key, so a micro-batch where only some samples had the key would misalign rows.
         # A zero row is exactly the scalar path (a * 0 + (r - a * 0) at the last token).
-        experience.info[INFO_KEY] = token_rewards(response.get(RESPONSE_KEY) or [], experience.action_mask)
+        experience.info[INFO_KEY], experience.info[COUNT_KEY] = token_rewards(response.get(RESPONSE_KEY) or [],
+                                                                              experience.action_mask)
         return experience
 
     return _process_response_into_experience
@@ -105,11 +118,11 @@ class _DenseBatch:
     raises instead of silently falling back to scalar rewards.
     """
 
-    def __init__(self, estimator: str, experiences: list, rows: list[torch.Tensor | None]):
+    def __init__(self, estimator: str, experiences: list, rows: list[torch.Tensor], counts: list[torch.Tensor]):
         self.group_norm = estimator == "group_norm"
-        self.by_mask = {id(e.action_mask): (e, row) for e, row in zip(experiences, rows)}
+        self.by_mask = {id(e.action_mask): (e, row, count) for e, row, count in zip(experiences, rows, counts)}
 
-    def lookup(self, action_mask: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+    def lookup(self, action_mask: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
         try:
             return self.by_mask[id(action_mask)]
         except KeyError:
@@ -129,11 +142,9 @@ def _dense_compute_reward(scalar: Callable) -> Callable:
         import torch
 
         batch = _BATCH.get()
-        row = None
-        if batch is not None:
-            experience, row = batch.lookup(action_mask)
-        if row is None:
+        if batch is None:
             return scalar(r, kl_coef, kl, action_mask=action_mask, reward_clip_range=reward_clip_range)
+        experience, row, count = batch.lookup(action_mask)
         if row.shape != action_mask.shape:
             raise RuntimeError(f"csr dense rewards: reward rows {tuple(row.shape)} do not match the action mask "
                                f"{tuple(action_mask.shape)}")
@@ -151,20 +162,51 @@ def _dense_compute_reward(scalar: Callable) -> Callable:
         # OpenRLHF's compute_reward places what is left of its scalar (baseline, length penalties,
         # any part of `reward` not in the sentences) at the last token, clamps it and adds the KL.
         residual = r - dense.sum(-1)
-        if reward_clip_range:  # the same bound on each token's sentence reward; no-reward tokens stay 0
-            dense = torch.where(row != 0, dense.clamp(*reward_clip_range), dense)
+        if reward_clip_range:  # the same bound on each token's sentence reward; other tokens stay 0
+            dense = torch.where(count != 0, dense.clamp(*reward_clip_range), dense)
         reward = scalar(residual, kl_coef, kl, action_mask=action_mask, reward_clip_range=reward_clip_range)
         return reward + dense.to(reward.dtype)
 
     return compute_reward
 
 
+def _centre_on_group_means(experiences: list, rows: list, counts: list, group_size: int) -> list[torch.Tensor]:
+    """step_reward.py's centring, in place: each sample's scalar reward loses m * b (m its sentence count,
+    b its prompt group's mean sentence reward); returns the reward rows less b * (sentences per token).
+
+    Samples are grouped as OpenRLHF groups them, by ``experience.index`` (the rollout order), so
+    micro-batches that cut across prompt groups or arrive reordered are centred alike.
+    """
+    import torch
+
+    from csr_plugin.openrlhf.step_reward import group_baselines
+
+    indices = torch.tensor([i for experience in experiences for i in experience.index])
+    sums, sentences = torch.empty(len(indices)), torch.empty(len(indices))
+    sums[indices] = torch.cat([row.sum(-1) for row in rows])
+    sentences[indices] = torch.cat([count.sum(-1) for count in counts])
+    baselines = group_baselines(sums, sentences, group_size)[indices].split([len(e.index) for e in experiences])
+    centred = []
+    for experience, row, count, baseline in zip(experiences, rows, counts, baselines):
+        rewards = experience.rewards.to(torch.promote_types(experience.rewards.dtype, torch.float32))
+        experience.rewards = rewards - baseline * count.sum(-1)
+        experience.info[BASELINE_KEY] = baseline
+        centred.append(row - baseline.unsqueeze(1) * count)
+    return centred
+
+
 def _dense_advantages(compute: Callable) -> Callable:
     def compute_advantages_and_returns(self, experiences):
         rows = [experience.info.pop(INFO_KEY, None) for experience in experiences]
-        if not any(row is not None and bool(row.any()) for row in rows):
+        counts = [experience.info.pop(COUNT_KEY, None) for experience in experiences]
+        if not any(count is not None and bool(count.any()) for count in counts):
             return compute(self, experiences)  # scalar rewards only: OpenRLHF as is
-        token = _BATCH.set(_DenseBatch(self.strategy.args.algo.advantage.estimator, experiences, rows))
+        if any(row is None or count is None for row, count in zip(rows, counts)):
+            raise RuntimeError("csr dense rewards: some experiences carry no sentence rows; every sample must "
+                               "come through the patched _process_response_into_experience.")
+        args = self.strategy.args
+        rows = _centre_on_group_means(experiences, rows, counts, args.rollout.n_samples_per_prompt)
+        token = _BATCH.set(_DenseBatch(args.algo.advantage.estimator, experiences, rows, counts))
         try:
             return compute(self, experiences)
         finally:

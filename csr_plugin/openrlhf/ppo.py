@@ -74,7 +74,10 @@ def ppo_flags(recipe: Recipe, prompts_file: str | Path) -> dict[str, Any]:
     command line)."""
     import dataclasses
 
+    from csr_plugin.openrlhf.step_reward import check_step_reward
     from csr_plugin.passthrough import merge
+
+    check_step_reward(recipe)   # on the recipe itself: the owner probing below varies keys one at a time
 
     def build(sections: dict) -> dict[str, Any]:
         return _own_ppo_flags(dataclasses.replace(recipe, **sections), prompts_file)

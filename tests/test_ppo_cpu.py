@@ -149,3 +149,12 @@ def test_train_ppo_end_to_end_on_cpu(tiny_recipe_dict, tmp_path):
     # what the workers did, from their logs: vLLM reloaded the weights after each of the 3 steps
     worker_logs = "".join(p.read_text(errors="replace") for p in (out / "logs" / "ray_session").glob("worker-*"))
     assert worker_logs.count("Reloading weights inplace") >= 1
+
+
+def test_max_len_beyond_the_model_context_is_refused_before_ray_starts(tiny_recipe_dict):
+    from csr_plugin.config import ConfigError, recipe_from_dict
+    from csr_plugin.openrlhf.ppo import check_context
+
+    check_context(recipe_from_dict(dict(tiny_recipe_dict, ppo={"max_len": 1024})))   # the tiny LLaVA's limit
+    with pytest.raises(ConfigError, match=r"ppo.max_len=1025 .*context \(1024 tokens\): set ppo.max_len <= 1024"):
+        check_context(recipe_from_dict(dict(tiny_recipe_dict, ppo={"max_len": 1025})))

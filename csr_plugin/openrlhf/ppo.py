@@ -267,6 +267,7 @@ def train_ppo(recipe: Recipe, config_path: str, overrides: list[str]) -> int:
     cpu = not torch.cuda.is_available()
     if cpu:
         check_cpu_recipe(recipe)
+    check_context(recipe)
     # quiet: what the libraries, Ray and train_ppo_ray print goes to logs/train_ppo.log (file descriptors
     # included: DeepSpeed's op checks print from compiler subprocesses); our stage lines to the terminal
     with _output_to(run_logs.subprocess_log(recipe.output_dir, "train_ppo")) as terminal:
@@ -279,6 +280,7 @@ def train_ppo(recipe: Recipe, config_path: str, overrides: list[str]) -> int:
         from csr_plugin.openrlhf.cli_args import argv_as
 
         flags = launch_flags(recipe, prompts)
+        _fail_fast_on_engines()
         if cpu:
             from csr_plugin.openrlhf.ppo_on_cpu import install_driver
 
@@ -293,6 +295,40 @@ def train_ppo(recipe: Recipe, config_path: str, overrides: list[str]) -> int:
         print(f"csr train-ppo: done: model {flags['ckpt.output_dir']}, checkpoints {flags['ckpt.path']}",
               file=terminal, flush=True)
     return 0
+
+
+def _fail_fast_on_engines() -> None:
+    """train_ppo_ray starts its vLLM actors and moves on; an engine that fails to start (a bad engine
+    argument, too little memory) then surfaces only as a trainer rank waiting for it in the weight-sync
+    rendezvous until its timeout. Waiting for the engines right after they start stops the run there,
+    with the engine's own error."""
+    import openrlhf.trainer.ray as openrlhf_ray
+    import ray
+
+    create = openrlhf_ray.create_vllm_engines
+    if getattr(create, "_csr_waits", False):
+        return
+
+    def create_vllm_engines(*args, **kwargs):
+        engines = create(*args, **kwargs)
+        ray.get([engine.__ray_ready__.remote() for engine in engines])
+        return engines
+
+    create_vllm_engines._csr_waits = True
+    openrlhf_ray.create_vllm_engines = create_vllm_engines   # the name train_ppo_ray imports when it runs
+
+
+def check_context(recipe: Recipe) -> None:
+    """ppo.max_len within the model's context: vLLM refuses a longer max_model_len, from inside an actor."""
+    from transformers import AutoConfig
+
+    from csr_plugin.model_source import context_length
+
+    limit = context_length(AutoConfig.from_pretrained(recipe.model.path,
+                                                      trust_remote_code=recipe.model.trust_remote_code))
+    if recipe.ppo.max_len > limit:
+        raise ConfigError(f"ppo.max_len={recipe.ppo.max_len} is longer than {recipe.model.path}'s context "
+                          f"({limit} tokens): set ppo.max_len <= {limit}.")
 
 
 def _start_ray(recipe: Recipe, cpu: bool, terminal) -> None:

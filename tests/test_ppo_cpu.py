@@ -111,6 +111,14 @@ def test_train_ppo_end_to_end_on_cpu(tiny_recipe_dict, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     recipe = json.loads(json.dumps(tiny_recipe_dict))
+    # 6 prompts on 2 images: every step after the first meets an image vLLM encoded before the weight
+    # sync, whose cached encoder output the sync must drop in the scheduler and the worker alike
+    source = Path(recipe["data"]["prompts"])
+    rows = [json.loads(line) for line in source.read_text().splitlines()][:6]
+    images = [str((source.parent / rows[i]["image"]).resolve()) for i in (0, 1)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(dict(row, image=images[i % 2])) + "\n" for i, row in enumerate(rows)))
+    recipe["data"]["prompts"] = str(prompts)
     recipe.update(output_dir=str(tmp_path / "out"), logging={"tensorboard": True})
     recipe["search"].update(beam_width=1, candidates=1, keep_top=1, keep_bottom=0, temperature=1.0, top_p=1.0)
     recipe["curation"] = {"length_normalize": False}

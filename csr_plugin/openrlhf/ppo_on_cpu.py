@@ -8,7 +8,7 @@ In the driver (``install_driver``, before ``train_ppo_ray`` runs):
 * ``create_vllm_engines`` starts ``CpuRolloutActor``: OpenRLHF's ``RolloutRayActor`` with vLLM's CPU
   engine arguments, the recipe's ``trust_remote_code`` (OpenRLHF hard-codes True) and ``CpuWorkerWrap``
   as the vLLM worker extension (OpenRLHF's ``WorkerWrap`` receives weights into a "cuda" tensor over
-  NCCL).
+  NCCL); after each weight sync it resets vLLM's encoder cache.
 * Ray runs with a declared "GPU" resource, so OpenRLHF's GPU bundles and ``num_gpus`` actors schedule;
   no process ever asks torch for a GPU (``ray_resources``).
 
@@ -81,6 +81,15 @@ def _cpu_rollout_actor(recipe):
             kwargs.update(cpu_args, worker_extension_cls=WORKER_EXTENSION, trust_remote_code=trust_remote_code)
             kwargs.pop("gpu_memory_utilization", None)  # a GPU fraction; the CPU KV cache is sized in bytes
             await super().__init__(*args, **kwargs)
+
+        async def update_weight(self, name, dtype, shape, empty_cache=False):
+            await super().update_weight(name, dtype, shape, empty_cache)
+            if empty_cache:
+                # The sync's last parameter: CpuWorkerWrap has reloaded the weights, which empties the
+                # worker's encoder cache; the scheduler's record of it must go too, or the next prompt
+                # with an image seen before is scheduled without its encoder pass ("Encoder cache
+                # miss"). Embeddings made with the old projector are stale anyway.
+                await self.llm.reset_encoder_cache()
 
     return ray.remote(CpuRolloutActor)
 

@@ -147,6 +147,10 @@ def test_train_ppo_end_to_end_on_cpu(tiny_recipe_dict, tmp_path):
     assert sorted(p.name for p in ckpt.glob("global_step*_hf")) == [f"global_step{i}_hf" for i in (1, 2, 3)]
     assert (ckpt / "_actor" / "latest").read_text().strip() == "global_step3"   # DeepSpeed's, for a resume
 
+    from transformers import AutoProcessor
+
+    for folder in [out / "ppo" / "final", *ckpt.glob("global_step*_hf")]:   # loadable as a VLM, processor too
+        assert AutoProcessor.from_pretrained(folder).image_processor is not None
     start = AutoModelForImageTextToText.from_pretrained(recipe["model"]["path"], dtype=torch.float32)
     final = AutoModelForImageTextToText.from_pretrained(out / "ppo" / "final", dtype=torch.float32)
     start_params, final_params = dict(start.named_parameters()), dict(final.named_parameters())

@@ -292,9 +292,24 @@ def train_ppo(recipe: Recipe, config_path: str, overrides: list[str]) -> int:
               f"{', CPU stand-ins (no CUDA)' if cpu else ''}", file=terminal, flush=True)
         with argv_as([PPO_MODULE, *to_argv(flags)]):
             runpy.run_module(PPO_MODULE, run_name="__main__", alter_sys=False)
+        add_processor(recipe, [Path(flags["ckpt.output_dir"]), *Path(flags["ckpt.path"]).glob("*_hf")])
         print(f"csr train-ppo: done: model {flags['ckpt.output_dir']}, checkpoints {flags['ckpt.path']}",
               file=terminal, flush=True)
     return 0
+
+
+def add_processor(recipe: Recipe, folders: list[Path]) -> None:
+    """OpenRLHF's PPO actor saves its HF checkpoints with a tokenizer, not the VLM's processor: without the
+    image processor's config, `csr eval`, `csr sample` or AutoProcessor cannot load them. PPO does not
+    change the processor, so the starting model's is saved next to the weights."""
+    from transformers import AutoProcessor
+
+    folders = [f for f in folders if (f / "config.json").is_file() and not (f / "processor_config.json").is_file()
+               and not (f / "preprocessor_config.json").is_file()]
+    if folders:
+        processor = AutoProcessor.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
+        for folder in folders:
+            processor.save_pretrained(folder)
 
 
 def _fail_fast_on_engines() -> None:

@@ -9,6 +9,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
 import csr_plugin
 from csr_plugin.config import ConfigError, load_recipe
@@ -41,7 +42,9 @@ def test_recipe_commands_pass_openrlhf_parsers(path):
     # relative to the working_dir the job ships: the head node's AGENT_FILE does not exist on other nodes
     assert entry[entry.index("--train.agent_func_path") + 1] == WORKER_AGENT_FILE
     # PPO is checked by train_ppo_ray's parser only where the recipe has a ppo: section
-    expected = [DPO_WORKER, PPO_MODULE] if path.name == "ppo-stepwise.yaml" else [DPO_WORKER]
+    has_ppo = "ppo" in yaml.safe_load(path.read_text())
+    expected = [DPO_WORKER, PPO_MODULE] if has_ppo else [DPO_WORKER]
+    assert has_ppo == (path.name in ("ppo-stepwise.yaml", "toy-ppo.yaml"))
     assert check(recipe, str(path), []) == expected
 
 

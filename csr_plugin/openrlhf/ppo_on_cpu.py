@@ -48,10 +48,9 @@ def ray_resources(ppo) -> dict:
 
 def worker_env() -> dict[str, str]:
     """Environment of every Ray worker of a CPU PPO run."""
-    from csr_plugin.sampling.vllm_engine import cpu_env
+    from csr_plugin.sampling.vllm_engine import cpu_openrlhf_env
 
-    # flash-attn's CPU install imports only with its Triton backend (DESIGN.md section 4)
-    return {ENV_VAR: "1", "FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE", **cpu_env()}
+    return {ENV_VAR: "1", **cpu_openrlhf_env()}
 
 
 # ── driver ──

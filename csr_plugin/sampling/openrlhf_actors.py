@@ -76,7 +76,7 @@ class OpenRLHFEngines:
     def __init__(self, recipe: Recipe, use_gpu: bool, extra_env: dict):
         from transformers import AutoProcessor
 
-        from csr_plugin.sampling.vllm_engine import cpu_env, import_vllm
+        from csr_plugin.sampling.vllm_engine import cpu_openrlhf_env, import_vllm
 
         import_vllm()  # the driver unpickles vLLM objects and imports OpenRLHF's actor module
         from openrlhf.trainer.ray.vllm_engine import RolloutRayActor
@@ -93,11 +93,8 @@ class OpenRLHFEngines:
         recipe_file = Path(recipe.output_dir).resolve() / "openrlhf_engine_recipe.yaml"
         recipe_file.parent.mkdir(parents=True, exist_ok=True)
         recipe_file.write_text(yaml.safe_dump(actor_recipe(recipe), sort_keys=False))
-        # flash-attn's CPU install imports only with its Triton backend; on an NVIDIA GPU the variable
-        # would select its ROCm backend, so only CPU engines get it.
-        cpu = {"FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE", **cpu_env()}
         env = {"CSR_RECIPE": str(recipe_file), "CSR_RECIPE_OVERRIDES": "[]", "TOKENIZERS_PARALLELISM": "false",
-               **({} if use_gpu else cpu), **extra_env}
+               **({} if use_gpu else cpu_openrlhf_env()), **extra_env}
         self.actor = RolloutRayActor.options(num_cpus=1, num_gpus=self.kwargs["num_gpus"], max_restarts=0,
                                              runtime_env={"env_vars": env})
 

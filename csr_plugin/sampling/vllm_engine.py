@@ -70,6 +70,13 @@ def cpu_env() -> dict:
     return {"VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")}
 
 
+def cpu_openrlhf_env() -> dict:
+    """Environment for a CPU Ray actor that runs vLLM inside OpenRLHF's code: ``cpu_env`` and, because
+    flash-attn's CPU install imports only with its Triton backend (DESIGN.md section 4), that backend.
+    Only CPU processes get it: on an NVIDIA GPU the variable would select flash-attn's ROCm backend."""
+    return {"FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE", **cpu_env()}
+
+
 def engine_args(search: SearchConfig, cpu: bool) -> dict:
     """``search.vllm`` over our defaults (the CPU ones on CPU); refuses keys the recipe sets elsewhere
     and keys vLLM's EngineArgs does not have, naming them."""

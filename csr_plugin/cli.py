@@ -10,13 +10,17 @@ from csr_plugin.config import ConfigError, load_recipe
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    import json
+
     from csr_plugin.sampling.local import sample
 
     if args.actors < 1:
         raise ConfigError(f"--actors must be >= 1, got {args.actors}.")
     if (args.ray_address or args.openrlhf) and not args.ray:
         raise ConfigError("--ray-address and --openrlhf need --ray (without it `csr sample` runs here, serially).")
-    recipe = load_recipe(args.config, args.overrides)
+    # --rm: PARGS candidates with this reward model, as the overrides would set it (validated with the rest)
+    recipe = load_recipe(args.config, args.overrides + ([f"search.rm={json.dumps(args.rm)}", "search.decoding=pargs"]
+                                                        if args.rm else []))
     _route_logs(recipe.output_dir)
     if args.ray:
         from csr_plugin.sampling.ray_driver import sample_on_ray
@@ -211,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "ray://host:10001); default: start a local one")
     p.add_argument("--openrlhf", action="store_true", help="with --ray: the actors are OpenRLHF's vLLM rollout "
                    "actors running our agent executor (GPUs, needs vllm)")
+    p.add_argument("--rm", help="reward model (`csr train-rm` final/): draw the candidate sentences with PARGS "
+                                "(search.decoding=pargs, search.rm=PATH; k, w in search.pargs)")
     _add_overrides(p)
     _quiet_by_default(p)
     p.set_defaults(func=_cmd_sample)

@@ -112,11 +112,17 @@ class SearchConfig:
     calibration: Literal["online", "posthoc"] = _help(
         "online: the calibrated reward guides pruning (paper); posthoc: the LM score prunes, CLIP only picks the "
         "pair (official code).", default="online")
-    decoding: Literal["sample", "group_beam"] = _help(
+    decoding: Literal["sample", "group_beam", "pargs"] = _help(
         "sample: temperature/top-p sampling; group_beam: diverse group beam search, one beam per group "
-        "(official code).", default="sample")
-    temperature: float = _help("Sampling temperature (decoding: sample).", default=1.0)
-    top_p: float = _help("Nucleus sampling mass (decoding: sample).", default=1.0)
+        "(official code); pargs: PARGS reward-guided sampling with search.rm (search.pargs; "
+        "docs/reward-model.md).", default="sample")
+    temperature: float = _help("Sampling temperature (decoding: sample; pargs: divides the policy's logits "
+                               "before w * reward is added).", default=1.0)
+    top_p: float = _help("Nucleus sampling mass (decoding: sample; pargs takes search.pargs.top_k instead).",
+                         default=1.0)
+    rm: str = _help("Reward model folder (`csr train-rm` final/, rm.partial: true) for decoding: pargs; "
+                    "`csr sample --rm` sets it.", default="")
+    pargs: PargsConfig = field(default_factory=lambda: PargsConfig())
     diversity_penalty: float = _help("Group beam search diversity penalty (official: 3.0).", default=3.0)
     delimiters: list = _help("Characters that end a sentence; matched inside merged tokens too.",
                              default_factory=lambda: [".", "!", "?"])
@@ -154,6 +160,13 @@ class SearchConfig:
         if not self.delimiters or not all(isinstance(d, str) and d for d in self.delimiters):
             raise ConfigError(f"`{where}.delimiters` must be a non-empty list of non-empty strings, "
                               f"got {self.delimiters!r}.")
+        if self.decoding == "pargs" and not self.rm:
+            raise ConfigError(f"`{where}.decoding` is pargs: set `{where}.rm` (or `csr sample --rm`) to a reward "
+                              "model folder from `csr train-rm`, or use decoding: sample.")
+        if self.decoding == "pargs" and self.engine == "vllm":
+            raise ConfigError(f"`{where}.decoding: pargs` needs `{where}.engine: transformers`: vLLM cannot run "
+                              f"the reward model at every token. Set {where}.engine: transformers (or keep vllm "
+                              f"with {where}.decoding: sample).")
 
 
 @dataclass
@@ -281,6 +294,11 @@ class RewardModelConfig:
                                  "run) for the per-epoch held-out accuracy in rm_metrics.jsonl; 0 = none.",
                                  default=0.1)
     nproc: int = _help("Processes `csr train-rm` starts on this machine (GPUs, or CPU ranks with gloo).", default=2)
+    hostfile: Optional[str] = _help("DeepSpeed hostfile: the deepspeed launcher starts the ranks on the listed "
+                                    "nodes (docs/distributed.md); rm.nproc is then not used.", default=None)
+    master_port: Optional[int] = _help(
+        "Rendezvous port. null = a free port found at launch, so two runs on one machine never collide; set it "
+        "when a firewall allows only known ports.", default=None)
     zero_stage: int = _help("DeepSpeed ZeRO stage (OpenRLHF's --ds.zero_stage).", default=3)
     lr: float = _help("Peak learning rate, cosine schedule with 3% warm-up (OpenRLHF's --adam.lr).", default=9.0e-6)
     epochs: int = _help("Passes over the training pairs (OpenRLHF's --train.max_epochs).", default=1)
@@ -293,11 +311,17 @@ class RewardModelConfig:
                            "--ds.lora.rank). The head always trains; final/ holds the adapter merged.", default=0)
     lora_alpha: int = _help("LoRA alpha (OpenRLHF's --ds.lora.alpha).", default=16)
     freeze_vision: bool = _help("Keep the vision tower frozen (the projector, LM and head train).", default=True)
+    gradient_checkpointing: bool = _help("Recompute the backbone's activations in backward to save memory "
+                                         "(OpenRLHF's --model.gradient_checkpointing_enable).", default=False)
     dtype: Literal["auto", "bf16", "fp32"] = _help("auto = bf16 on GPU, fp32 on CPU (OpenRLHF's --ds.param_dtype).",
                                                    default="auto")
     seed: int = _help("Data order and head initialisation seed (OpenRLHF's --train.seed).", default=42)
     ckpt_steps: int = _help("Save a resumable DeepSpeed checkpoint (ds_ckpt/) every N optimizer steps, OpenRLHF's "
                             "--ckpt.save_steps (0 = none while training).", default=20)
+    openrlhf: dict = _help(
+        "OpenRLHF flags passed verbatim to the reward model's ranks, dotted or nested ({ds.adam_offload: true}); "
+        "refused when a key above sets the flag or the reward model worker does not act on it (DPO-loss flags, "
+        "ref.*, logger.*; docs/reward-model.md).", default_factory=dict)
 
     def validate(self, where: str) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -308,7 +332,11 @@ class RewardModelConfig:
             raise ConfigError(f"`{where}.lr` must be > 0, got {self.lr}.")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"`{where}.eval_fraction` must be in [0, 1), got {self.eval_fraction}.")
-        if self.batch % (self.micro_batch * self.nproc):
+        if self.master_port is not None and not 1024 <= self.master_port <= 65535:
+            raise ConfigError(f"`{where}.master_port` must be in [1024, 65535] or null (a free port), "
+                              f"got {self.master_port}.")
+        # with a hostfile (or an outside launcher) the world is not rm.nproc: each rank checks the real one
+        if not self.hostfile and self.batch % (self.micro_batch * self.nproc):
             raise ConfigError(f"`{where}.batch` ({self.batch}) must be a multiple of micro_batch x nproc "
                               f"({self.micro_batch} x {self.nproc}).")
 
@@ -424,7 +452,7 @@ class LoopConfig:
 
 @dataclass
 class PargsConfig:
-    """PARGS reward-guided decoding (eval.decoding: pargs); docs/reward-model.md."""
+    """PARGS reward-guided decoding (eval.decoding: pargs, search.decoding: pargs); docs/reward-model.md."""
     top_k: int = _help("Policy tokens scored by the reward model per step (paper: 10).", default=10)
     weight: float = _help("w in pi'(v) ~ pi(v) exp(w r(x, y v)) (paper: 2 sampling, 1 greedy).", default=2.0)
     greedy: bool = _help("Take the argmax of pi' instead of sampling from it.", default=False)

@@ -108,13 +108,16 @@ def _coerced(value: Any, default: Any, where: str) -> Any:
 
 
 def merge(flags: dict[str, Any], passthrough: dict, where: str, build: Builder, sections: dict[str, Any],
-          reserved: dict[str, str], not_read: dict[str, str] | None = None) -> dict[str, Any]:
+          reserved: dict[str, str], not_read: dict[str, str] | None = None,
+          worker: str = "csr's DPO worker", runs: str = "OpenRLHF's strategy and DPOTrainer",
+          listed: str = "`csr recipe show` lists the flags it passes") -> dict[str, Any]:
     """``flags`` with the section's ``openrlhf:`` mapping applied.
 
     ``reserved``: flag (or ``prefix.``) -> why CSR sets it itself. ``not_read``: for an entry point of
-    ours (DPO), the flags of its namespace that it does not act on, with the reason; with it, a flag
-    outside ``flags`` is refused too. Without it (PPO) unknown flags are left to OpenRLHF's own parser
-    (`csr recipe show --check`, and `csr train-ppo` before it submits).
+    ours (DPO, the reward model), the flags of its namespace that it does not act on, with the reason; with
+    it, a flag outside ``flags`` is refused too. Without it (PPO) unknown flags are left to OpenRLHF's own
+    parser (`csr recipe show --check`, and `csr train-ppo` before it submits). ``worker``, ``runs``,
+    ``listed``: that entry point, what of OpenRLHF it runs and where its flags are listed, for the refusals.
     """
     extra = flatten(passthrough, where)
     if not extra:
@@ -133,10 +136,9 @@ def merge(flags: dict[str, Any], passthrough: dict, where: str, build: Builder, 
                               f"from {where}.")
         if not_read is not None:
             if flag in not_read:
-                raise ConfigError(f"`{at}`: csr's DPO worker does not act on --{flag} ({not_read[flag]}).")
+                raise ConfigError(f"`{at}`: {worker} does not act on --{flag} ({not_read[flag]}).")
             if flag not in flags:
-                raise ConfigError(f"`{at}`: --{flag} is not a flag csr's DPO worker reads (it runs OpenRLHF's "
-                                  f"strategy and DPOTrainer in its own loop); `csr recipe show` lists the flags "
-                                  "it passes.")
+                raise ConfigError(f"`{at}`: --{flag} is not a flag {worker} reads (it runs {runs} in its own "
+                                  f"loop); {listed}.")
         merged[flag] = _coerced(value, flags.get(flag), at)
     return merged

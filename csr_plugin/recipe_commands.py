@@ -75,13 +75,14 @@ def show(recipe: Recipe, config_path: str, overrides: list[str]) -> str:
 
 
 DPO_WORKER = "csr's DPO worker (its OpenRLHF strategy and DPOTrainer namespace)"
+RM_WORKER = "csr's reward-model worker (its OpenRLHF strategy namespace)"
 
 
-def uses_ppo(config_path: str, overrides: list[str]) -> bool:
-    """Whether the recipe configures PPO at all: a `ppo:` section or a `ppo.` override."""
+def uses_section(config_path: str, overrides: list[str], section: str) -> bool:
+    """Whether the recipe configures ``section`` at all: a `section:` mapping or a `section.` override."""
     with open(config_path) as f:
         data = yaml.safe_load(f) or {}
-    return "ppo" in data or any(o.split("=", 1)[0].strip().startswith("ppo.") for o in overrides)
+    return section in data or any(o.split("=", 1)[0].strip().startswith(f"{section}.") for o in overrides)
 
 
 def check(recipe: Recipe, config_path: str, overrides: list[str]) -> list[str]:
@@ -91,6 +92,8 @@ def check(recipe: Recipe, config_path: str, overrides: list[str]) -> list[str]:
     flags, `dpo.openrlhf` included, are built and hierarchized as the worker does. PPO runs OpenRLHF's
     train_ppo_ray, whose own parser and assertions check them (that module imports vLLM); a recipe
     without a `ppo:` section is not checked for PPO, so a DPO-only recipe checks where vLLM is absent.
+    `csr train-rm`'s ranks build their namespace as DPO's do, with `rm.openrlhf` applied: checked where
+    the recipe has an `rm:` section.
     """
     from csr_plugin.openrlhf.cli_args import parse_openrlhf_args
     from csr_plugin.openrlhf.ppo import PPO_MODULE, ppo_dir, ppo_flags
@@ -98,7 +101,12 @@ def check(recipe: Recipe, config_path: str, overrides: list[str]) -> list[str]:
 
     as_namespace(dpo_flags(recipe.dpo, recipe.model.path, "pairs.jsonl", "dpo", gpu=True, logging=recipe.logging))
     checked = [DPO_WORKER]
-    if uses_ppo(config_path, overrides):
+    if uses_section(config_path, overrides, "rm"):
+        from csr_plugin.reward_model.train_main import rm_flags
+
+        as_namespace(rm_flags(recipe.rm, recipe.model.path, "pairs.jsonl", "rm", gpu=True))
+        checked.append(RM_WORKER)
+    if uses_section(config_path, overrides, "ppo"):
         parse_openrlhf_args(PPO_MODULE, to_argv(ppo_flags(recipe, ppo_dir(recipe) / "prompts.jsonl")))
         checked.append(PPO_MODULE)
     return checked

@@ -2,7 +2,7 @@
 
 - Ray: a two-node cluster made with Ray's own ``ray.cluster_utils.Cluster`` (two raylets on 127.0.0.1, one
   CPU each), joined by its address, as a driver joins a real cluster;
-- DPO: two torchrun node launchers (``--nnodes 2 --node-rank 0/1``) meeting on loopback.
+- DPO and the reward model: two torchrun node launchers (``--nnodes 2 --node-rank 0/1``) meeting on loopback.
 
 What this cannot show: real network between machines, separate file systems (here every "node" sees the
 same disk, so the tests check *where* a worker found each file rather than whether it could), GPUs.
@@ -190,11 +190,29 @@ def _dpo_recipe(tiny_recipe_dict, tmp_path: Path, name: str, pairs: Path) -> Pat
     return path
 
 
-def _node_launcher(config: Path, node_rank: int, port: int) -> list[str]:
+def _node_launcher(config: Path, node_rank: int, port: int, command: str = "train-dpo") -> list[str]:
     """One node's launcher, exactly as docs/distributed.md gives it (there with the head's address)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
             "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
-            "-m", "csr_plugin.cli", "train-dpo", "--config", str(config)]
+            "-m", "csr_plugin.cli", command, "--config", str(config)]
+
+
+def _run_node_launchers(config: Path, command: str, env: dict) -> list[str]:
+    """Both nodes' launchers at once on a free port; their outputs, after both succeeded."""
+    port = free_port()
+    launchers = [subprocess.Popen(_node_launcher(config, rank, port, command), cwd=REPO, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
+    outputs = []
+    for rank, launcher in enumerate(launchers):
+        try:
+            output, _ = launcher.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            for other in launchers:
+                other.kill()
+            raise
+        assert launcher.returncode == 0, f"node {rank}:\n{output[-4000:]}"
+        outputs.append(output)
+    return outputs
 
 
 def _weights(folder: Path) -> dict:
@@ -216,19 +234,7 @@ def test_dpo_on_two_node_launchers_equals_one_node_with_two_ranks(tiny_recipe_di
     # gloo finds its interface from the host name; on loopback both "nodes" meet on 127.0.0.1
     env["GLOO_SOCKET_IFNAME"] = "lo"
     two_nodes_cfg = _dpo_recipe(tiny_recipe_dict, tmp_path, "two_nodes", pairs)
-    port = free_port()
-    launchers = [subprocess.Popen(_node_launcher(two_nodes_cfg, rank, port), cwd=REPO, env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
-    outputs = []
-    for rank, launcher in enumerate(launchers):
-        try:
-            output, _ = launcher.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            for other in launchers:
-                other.kill()
-            raise
-        assert launcher.returncode == 0, f"node {rank}:\n{output[-4000:]}"
-        outputs.append(output)
+    outputs = _run_node_launchers(two_nodes_cfg, "train-dpo", env)
     assert (tmp_path / "two_nodes" / "final" / ".complete").exists()
     # one world across the two launchers: ZeRO-3 gives the rank on node 0 half of the parameters
     held = re.search(r"ZeRO-3: rank 0 holds (\d+)/(\d+) parameter elements", outputs[0])
@@ -248,3 +254,54 @@ def test_dpo_on_two_node_launchers_equals_one_node_with_two_ranks(tiny_recipe_di
     # the same arithmetic, so any difference at all means they trained differently.
     for name in one:
         assert torch.allclose(two[name], one[name], rtol=0, atol=0), name
+
+
+# -- d. `csr train-rm` as two torchrun node launchers -------------------------------------------------------
+
+def _rm_recipe(tiny_recipe_dict, tmp_path: Path, name: str, pairs: Path) -> Path:
+    data = json.loads(json.dumps(tiny_recipe_dict))
+    data["output_dir"] = str(tmp_path / name)
+    # 6 pair ids, 2 held out (round(0.34 x 6)), 4 trained: 2 ranks, micro-batch 1, batch 2 -> two optimizer
+    # steps, then the held-out pairs scored one per rank. lr_scheduler through rm.openrlhf: every step's lr in
+    # rm_metrics.jsonl is then rm.lr, which shows the passthrough reached the ranks' optimizer schedule.
+    data["rm"] = {"pairs": str(pairs), "nproc": 2, "zero_stage": 3, "batch": 2, "micro_batch": 1, "epochs": 1,
+                  "lr": 1.0e-3, "ckpt_steps": 0, "eval_fraction": 0.34, "openrlhf": {"lr_scheduler": "constant"}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.slow   # two reward model runs of two ZeRO-3 ranks each: 60-120 s on 2 shared cores
+def test_rm_on_two_node_launchers_equals_one_node_with_two_ranks(tiny_recipe_dict, tmp_path):
+    import torch
+    from test_launch import _pairs
+
+    pairs = _pairs(tmp_path / "data", 6)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}   # as in the DPO test above
+    outputs = _run_node_launchers(_rm_recipe(tiny_recipe_dict, tmp_path, "two_nodes", pairs), "train-rm", env)
+    two_nodes = tmp_path / "two_nodes"
+    assert (two_nodes / "final" / ".complete").exists()
+    held = re.search(r"ZeRO-3: rank 0 holds (\d+)/(\d+) parameter elements", outputs[0])
+    assert held and 0.45 < int(held.group(1)) / int(held.group(2)) < 0.55, outputs[0][-3000:]
+    assert "ZeRO-3: rank 0 holds" not in outputs[1], "only global rank 0 prints: one world, not two"
+
+    one_node = tmp_path / "one_node"
+    done = subprocess.run([sys.executable, "-m", "csr_plugin.cli", "train-rm", "--config",
+                           str(_rm_recipe(tiny_recipe_dict, tmp_path, "one_node", pairs))],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    # rank 0 alone writes the metrics: each step once, then the held-out numbers over both ranks' pairs
+    rows = [json.loads(line) for line in (two_nodes / "rm_metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in rows] == [1, 2, 2] and rows[-1]["eval_pairs"] == 2
+    assert all(r["lr"] == 1.0e-3 for r in rows[:2]), rows
+    assert rows == [json.loads(line) for line in (one_node / "rm_metrics.jsonl").read_text().splitlines()]
+
+    two, one = _weights(two_nodes / "final"), _weights(one_node / "final")   # backbone and reward head
+    base = _weights(Path(tiny_recipe_dict["model"]["path"]))
+    assert two.keys() == one.keys() and {"weight", "bias"} <= one.keys()
+    assert any(not torch.equal(one[k], base[k]) for k in one if k in base), "training changed the weights"
+    for name in one:   # the same arithmetic as in the DPO test above: bit for bit
+        assert torch.equal(two[name], one[name]), name
+    meta = [json.loads((folder / "final" / "reward_model.json").read_text()) for folder in (two_nodes, one_node)]
+    assert meta[0]["held_out"] == meta[1]["held_out"] and meta[0]["train_pairs"] == 4

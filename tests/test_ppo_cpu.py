@@ -170,3 +170,17 @@ def test_max_len_beyond_the_model_context_is_refused_before_ray_starts(tiny_reci
     check_context(recipe_from_dict(dict(tiny_recipe_dict, ppo={"max_len": 1024})))   # the tiny LLaVA's limit
     with pytest.raises(ConfigError, match=r"ppo.max_len=1025 .*context \(1024 tokens\): set ppo.max_len <= 1024"):
         check_context(recipe_from_dict(dict(tiny_recipe_dict, ppo={"max_len": 1025})))
+
+
+@pytest.mark.parametrize("search", [{"decoding": "pargs", "rm": "runs/rm/final"},
+                                    {"decoding": "group_beam"}])
+def test_a_decoding_vllm_rollouts_cannot_run_is_refused_not_ignored(tiny_recipe_dict, search):
+    """PPO's plain one-request rollouts never reach the vLLM engine's own refusal: without this check the
+    recipe's decoding would silently be plain sampling."""
+    from csr_plugin.config import ConfigError, recipe_from_dict
+    from csr_plugin.openrlhf.ppo import check_decoding
+
+    check_decoding(recipe_from_dict(tiny_recipe_dict))
+    recipe = recipe_from_dict(dict(tiny_recipe_dict, search={**tiny_recipe_dict.get("search", {}), **search}))
+    with pytest.raises(ConfigError, match=rf"search.decoding: {search['decoding']}` is not available in PPO"):
+        check_decoding(recipe)

@@ -267,6 +267,7 @@ def train_ppo(recipe: Recipe, config_path: str, overrides: list[str]) -> int:
     cpu = not torch.cuda.is_available()
     if cpu:
         check_cpu_recipe(recipe)
+    check_decoding(recipe)
     check_context(recipe)
     # quiet: what the libraries, Ray and train_ppo_ray print goes to logs/train_ppo.log (file descriptors
     # included: DeepSpeed's op checks print from compiler subprocesses); our stage lines to the terminal
@@ -331,6 +332,16 @@ def _fail_fast_on_engines() -> None:
 
     create_vllm_engines._csr_waits = True
     openrlhf_ray.create_vllm_engines = create_vllm_engines   # the name train_ppo_ray imports when it runs
+
+
+def check_decoding(recipe: Recipe) -> None:
+    """PPO's rollouts are OpenRLHF's vLLM engines. Its plain one-request path (search.candidates 1) never
+    meets the vLLM engine's own refusal, so another decoding would silently be plain sampling."""
+    if recipe.search.decoding != "sample":
+        raise ConfigError(
+            f"`search.decoding: {recipe.search.decoding}` is not available in PPO: its rollouts run on OpenRLHF's "
+            "vLLM engines, which sample (group beam search and PARGS need the transformers engine of "
+            "`csr sample`). Set `search.decoding: sample`.")
 
 
 def check_context(recipe: Recipe) -> None:

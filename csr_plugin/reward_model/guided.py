@@ -18,6 +18,11 @@ candidate's cache entry becomes the next step's prefix. :func:`guided_decode_nai
 code's cost: one full policy forward per row and step and one full reward-model forward per candidate,
 no caches. All give the same tokens for the same seeds (tests/test_guided_decoding.py).
 
+:func:`guided_decode_rows` is the same decoder returning each row's policy log-probs (log π, before the
+temperature and the reward) and why it ended; ``DecodeSetup.stop_ids`` end a row like EOS (finish
+"sentence"). `csr sample` with search.decoding: pargs draws its candidate sentences through it
+(csr_plugin/sampling/pargs_engine.py, tests/test_pargs_sampling.py); ``csr eval`` uses :func:`guided_decode`.
+
 Families: every one of csr_plugin.multimodal (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Gemma3, Idefics3,
 SmolVLM), each tested against the naive decoder on its tiny model. Positions are explicit (left padding
 and dropped rows change nothing; M-RoPE text positions after the image). Sliding-window layers (Gemma3)
@@ -44,14 +49,34 @@ class PargsSettings:
     weight: float = 2.0      # paper: w = 2 sampling, w = 1 greedy
     greedy: bool = False
     max_new_tokens: int = 64
+    # divides the policy's logits before w·r is added: log π_τ(v_i) + w·r_i (1 = the paper's π; the
+    # candidates are the same top k whatever τ, and the reported log-probs stay those of π itself)
+    temperature: float = 1.0
 
 
 @dataclass
 class DecodeSetup:
-    """What both decoders need besides the two models: token ids the policy may not emit, EOS, pad."""
+    """What both decoders need besides the two models: token ids the policy may not emit, EOS, pad,
+    and tokens that end a row like EOS but report finish "sentence" (`csr sample`'s sentence ends)."""
     eos_ids: set[int]
     pad_id: int
     banned_ids: frozenset[int] = frozenset()
+    stop_ids: frozenset[int] = frozenset()
+
+
+@dataclass
+class GuidedRow:
+    """One decoded row: its new tokens, log π(token) under the policy itself (untempered, unguided, before
+    the banned-token mask: what R_T needs), and why it ended: eos, sentence (a stop id) or length."""
+    token_ids: list[int]
+    logprobs: list[float]
+    finish: str = "length"
+
+    def end(self, token: int, setup: DecodeSetup) -> None:
+        if token in setup.eos_ids:
+            self.finish = "eos"
+        elif token in setup.stop_ids:
+            self.finish = "sentence"
 
 
 def check_window(policy, prompts: Sequence[list[int]], settings: PargsSettings) -> None:
@@ -59,7 +84,8 @@ def check_window(policy, prompts: Sequence[list[int]], settings: PargsSettings) 
     longest = max(map(len, prompts)) + settings.max_new_tokens + settings.top_k
     if window is not None and longest >= window:
         raise ValueError(f"PARGS decoding needs prompt + max_new_tokens + top_k ({longest}) below the model's sliding "
-                         f"window ({window}): lower eval.max_new_tokens or eval.pargs.top_k, or shorten the prompt.")
+                         f"window ({window}): lower eval.max_new_tokens or eval.pargs.top_k (`csr sample`: "
+                         "search.max_new_tokens, search.pargs.top_k), or shorten the prompt.")
 
 
 def check_models(policy, reward_model: MultimodalRewardModel, settings: PargsSettings) -> None:
@@ -72,13 +98,22 @@ def check_models(policy, reward_model: MultimodalRewardModel, settings: PargsSet
         raise ValueError("the reward model's vocabulary is smaller than the policy's: train it from the policy's base.")
     if settings.top_k < 1 or settings.max_new_tokens < 1:
         raise ValueError(f"PARGS top_k ({settings.top_k}) and max_new_tokens ({settings.max_new_tokens}) must be >= 1 "
-                         "(eval.pargs.top_k, eval.max_new_tokens).")
+                         "(eval.pargs.top_k, eval.max_new_tokens; `csr sample`: search.pargs.top_k, "
+                         "search.max_new_tokens).")
+    if settings.temperature <= 0:
+        raise ValueError(f"PARGS temperature must be > 0, got {settings.temperature} (search.temperature).")
 
 
-def _candidates(logits: torch.Tensor, banned: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log π of the top-k tokens, their ids), both [rows, k], best first; banned tokens never enter."""
+def _candidates(logits: torch.Tensor, banned: torch.Tensor, k: int, temperature: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log π_τ of the top-k tokens (the score's policy term), their ids, their log π), all [rows, k], best
+    first; banned tokens never enter. τ = 1: the first and last are the same tensor."""
     logp = logits.float().log_softmax(-1)
-    return logp.masked_fill(banned, float("-inf")).topk(k, dim=-1)
+    top = logp.masked_fill(banned, float("-inf")).topk(k, dim=-1)
+    if temperature == 1.0:
+        return top.values, top.indices, top.values
+    tempered = (logits.float() / temperature).log_softmax(-1).gather(-1, top.indices)
+    return tempered, top.indices, top.values
 
 
 def _choose(logp_top: torch.Tensor, rewards: torch.Tensor, settings: PargsSettings, row_seeds: torch.Tensor,
@@ -176,6 +211,31 @@ def guided_decode(policy, reward_model: MultimodalRewardModel, prompts: Sequence
 
     ``sharing``: how the k candidates share a row's prefix cache — ``mask`` (default: k query tokens on
     the one cache, kept apart by the attention mask) or ``expand`` (the cache repeated k-fold)."""
+    rows = guided_decode_rows(policy, reward_model, prompts, image_inputs, seeds, settings, setup, sharing)
+    return [row.token_ids for row in rows]
+
+
+def _unique_rows(rows: list[list[int]], image_inputs: Sequence[dict]) -> tuple[list[int], list[int]]:
+    """(first row of each distinct (ids, image inputs object), the distinct row of every row): rows that
+    repeat one (`csr sample`'s K candidates of a beam) are prefilled once and their caches repeated."""
+    seen: dict[tuple, int] = {}
+    firsts, of_row = [], []
+    for i, row in enumerate(rows):
+        key = (tuple(row), id(image_inputs[i]))
+        if key not in seen:
+            seen[key] = len(firsts)
+            firsts.append(i)
+        of_row.append(seen[key])
+    return firsts, of_row
+
+
+@torch.inference_mode()
+def guided_decode_rows(policy, reward_model: MultimodalRewardModel, prompts: Sequence[list[int]],
+                       image_inputs: Sequence[dict], seeds: Sequence[int], settings: PargsSettings,
+                       setup: DecodeSetup, sharing: str = "mask") -> list[GuidedRow]:
+    """:func:`guided_decode` with each row's policy log-probs and finish reason; rows also end after a token
+    of ``setup.stop_ids`` (finish "sentence"). Identical rows (same ids, same image inputs object) share
+    one prefill of each model."""
     if sharing not in SHARING:
         raise ValueError(f"sharing must be one of {', '.join(SHARING)}, got {sharing!r}.")
     check_models(policy, reward_model, settings)
@@ -185,30 +245,40 @@ def guided_decode(policy, reward_model: MultimodalRewardModel, prompts: Sequence
     mrope = family_of(policy.config).mrope
     rows = [list(p) for p in prompts]
     n, k = len(rows), settings.top_k
-    kwargs = batch_inputs(policy.config, rows, list(image_inputs), setup.pad_id, "left")
-    next_pos = _positions(policy.config, kwargs, rows).to(device)
+    firsts, of_row = _unique_rows(rows, image_inputs)
+    distinct = [rows[i] for i in firsts]
+    kwargs = batch_inputs(policy.config, distinct, [image_inputs[i] for i in firsts], setup.pad_id, "left")
+    next_pos = _positions(policy.config, kwargs, distinct).to(device)
     pol = policy(**_to(kwargs, device, policy.dtype), use_cache=True, logits_to_keep=1)
     # The reward model reads the same ids and images; its prefix cache is the prompt's, computed once.
     rm_out = rm_inner(**_to(kwargs, device, rm_dtype), use_cache=True)
     pol_cache, rm_cache, logits = pol.past_key_values, rm_out.past_key_values, pol.logits[:, -1]
     attention = kwargs["attention_mask"].to(device)
+    if len(distinct) < n:   # each row gets its own copy of its distinct prefix's caches
+        index = torch.tensor(of_row, device=device)
+        pol_cache.batch_select_indices(index)
+        rm_cache.batch_select_indices(index)
+        logits, attention, next_pos = logits[index], attention[index], next_pos[index]
     banned = _banned_mask(setup, logits.shape[-1], device)
-    eos = torch.tensor(sorted(setup.eos_ids), device=device)
+    stop = torch.tensor(sorted(set(setup.eos_ids) | set(setup.stop_ids)), device=device)
     row_seeds = torch.tensor(list(seeds), dtype=torch.long, device=device)
     live = torch.arange(n, device=device)            # original row of each batch row
-    out: list[list[int]] = [[] for _ in range(n)]
+    out = [GuidedRow([], []) for _ in range(n)]
     step_fn = _candidates_side_by_side if sharing == "mask" else _candidates_expanded
     for step in range(settings.max_new_tokens):
-        logp_top, cand = _candidates(logits, banned, k)
+        score_top, cand, logp_top = _candidates(logits, banned, k, settings.temperature)
         hidden, keep_chosen = step_fn(rm_inner, rm_cache, attention, cand, next_pos, mrope)
         rewards = reward_model.head(hidden.to(reward_model.head_weight_dtype())).squeeze(-1).float()
-        pick = _choose(logp_top, rewards, settings, row_seeds[live], step)
+        pick = _choose(score_top, rewards, settings, row_seeds[live], step)
         token = cand.gather(1, pick[:, None]).squeeze(1)
+        chosen_logp = logp_top.gather(1, pick[:, None]).squeeze(1)
         rm_cache = keep_chosen(pick)   # the prefix cache of the next step: prefix + the chosen token
-        for r, t in zip(live.tolist(), token.tolist()):
-            out[r].append(t)
+        for r, t, lp in zip(live.tolist(), token.tolist(), chosen_logp.tolist()):
+            out[r].token_ids.append(t)
+            out[r].logprobs.append(lp)
+            out[r].end(t, setup)
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
-        going = ~torch.isin(token, eos)
+        going = ~torch.isin(token, stop)
         if step == settings.max_new_tokens - 1 or not bool(going.any()):
             break
         if not bool(going.all()):   # finished rows leave both batches: no work is spent on them
@@ -240,16 +310,17 @@ def guided_decode_naive(policy, reward_model: MultimodalRewardModel, prompts: Se
                          device, policy.dtype)
             _positions(policy.config, kwargs, [list(prompt) + new])
             logits = policy(**kwargs, use_cache=False).logits[:, -1]
-            logp_top, cand = _candidates(logits, _banned_mask(setup, logits.shape[-1], device), settings.top_k)
+            score_top, cand, _ = _candidates(logits, _banned_mask(setup, logits.shape[-1], device), settings.top_k,
+                                             settings.temperature)
             rewards = []
             for token in cand[0].tolist():
                 full = [list(prompt) + new + [token]]
                 rm_kwargs = _to(batch_inputs(policy.config, full, [images], setup.pad_id), device, rm_dtype)
                 _positions(policy.config, rm_kwargs, full)
                 rewards.append(reward_model(**rm_kwargs))
-            pick = _choose(logp_top, torch.cat(rewards)[None], settings, row_seed, step)
+            pick = _choose(score_top, torch.cat(rewards)[None], settings, row_seed, step)
             new.append(int(cand[0, pick]))
-            if new[-1] in setup.eos_ids:
+            if new[-1] in setup.eos_ids or new[-1] in setup.stop_ids:
                 break
         out.append(new)
     return out

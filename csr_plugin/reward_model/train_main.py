@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from csr_plugin.config import DPOConfig, Recipe, RewardModelConfig, load_recipe
+from csr_plugin.config import ConfigError, DPOConfig, LoggingConfig, Recipe, RewardModelConfig, load_recipe
 from csr_plugin.training.checkpoints import COMPLETE
 from csr_plugin.training.device import comm_device, make_strategy
 from csr_plugin.training.rank_cli import rank_arguments
+from csr_plugin.training.tracking import logger_flags
 
 METRICS = "rm_metrics.jsonl"
 
@@ -36,25 +37,82 @@ def is_complete(out_dir: str | Path) -> bool:
 
 
 def as_dpo_config(cfg: RewardModelConfig) -> DPOConfig:
-    """The DPO section with the reward model's values: the worker's OpenRLHF flags (openrlhf_args.dpo_flags)
-    and VLM loader (dpo_main.load_actor) read the same knobs, so both are reused rather than copied."""
+    """The DPO section with the reward model's values: the worker's OpenRLHF flags (openrlhf_args) and VLM
+    loader (dpo_main.load_actor) read the same knobs, so both are reused rather than copied."""
     return dataclasses.replace(
         DPOConfig(), zero_stage=cfg.zero_stage, lr=cfg.lr, epochs=cfg.epochs, micro_batch=cfg.micro_batch,
         batch=cfg.batch, max_len=cfg.max_len, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-        freeze_vision=cfg.freeze_vision, dtype=cfg.dtype, seed=cfg.seed, ckpt_steps=cfg.ckpt_steps)
+        freeze_vision=cfg.freeze_vision, gradient_checkpointing=cfg.gradient_checkpointing, dtype=cfg.dtype,
+        seed=cfg.seed, ckpt_steps=cfg.ckpt_steps)
 
 
-def rm_flags(cfg: RewardModelConfig, model_path: str, pairs: str, out_dir: str) -> dict:
-    from csr_plugin.training.openrlhf_args import dpo_flags
+_NOT_DPO_LOSS = "a DPO loss flag; the reward model trains on the Bradley-Terry loss with rm.margin"
+_NO_LOGGER = "csr train-rm logs to rm_metrics.jsonl only, not to wandb or TensorBoard"
+# Flags of the namespace the reward model's ranks build (the DPO worker's) that they do not act on:
+# refused in `rm.openrlhf`. What they do act on: the strategy's (ds.* below not listed, train.*, max_norm),
+# the optimizer and schedule (adam.*, lr_scheduler, lr_warmup_ratio, min_lr_ratio), save_ckpt's
+# ckpt.max_num / ckpt.max_mem, and the loader's (ds.attn_implementation, ds.lora.*,
+# model.gradient_checkpointing_*), read from the namespace in loader_config.
+RM_NOT_READ = {
+    "ds.packing_samples": "csr's multimodal collate pads pairs; it does not pack them",
+    "ds.ring_attn_size": "ring attention needs packed samples",
+    "ds.load_in_4bit": "csr's VLM loader does not quantize",
+    "ds.use_liger_kernel": "csr's VLM loader does not use Liger kernels",
+    "ds.tensor_parallel_size": "the held-out evaluation and the final/ gather of the reward model assume data "
+                               "parallelism only",
+    "train.full_determinism_enable": "csr's strategy is built without it; seeds come from rm.seed",
+    "eval.dataset": "the held-out pairs are rm.eval_fraction of rm.pairs",
+    "eval.steps": "the held-out pairs are scored at the end of each epoch",
+    "ckpt.disable_ds": "csr resumes from ds_ckpt/ (rm.ckpt_steps)",
+    "ckpt.load_enable": "csr always resumes an interrupted run",
+    "ckpt.save_hf": "csr train-rm writes final/ at the end only",
+    "optim": "the reward model's worker runs Adam",
+    "model.beta": _NOT_DPO_LOSS, "model.ipo_enable": _NOT_DPO_LOSS, "model.label_smoothing": _NOT_DPO_LOSS,
+    "model.nll_loss_coef": _NOT_DPO_LOSS,
+    "model.aux_loss_coef": "the MoE auxiliary loss of OpenRLHF's DPO trainer; the reward model's loop adds none",
+    "ref.model_name_or_path": "the reward model has no reference model",
+    "ref.offload": "the reward model has no reference model",
+    **dict.fromkeys(logger_flags(LoggingConfig(), "out"), _NO_LOGGER),
+}
+# Flags csr sets per run.
+RM_RESERVED = {
+    "model.model_name_or_path": "model.path, the backbone", "data.dataset": "rm.pairs or --pairs",
+    "ckpt.output_dir": "<out>/final", "ckpt.path": "<out>/ds_ckpt", "local_rank": "the launcher",
+}
 
-    return dpo_flags(as_dpo_config(cfg), model_path, pairs, out_dir)
+
+def rm_flags(cfg: RewardModelConfig, model_path: str, pairs: str, out_dir: str, gpu: bool | None = None) -> dict:
+    """The ranks' OpenRLHF flags: the DPO worker's, built from our named keys, with `rm.openrlhf` applied.
+    ``gpu``: the machine the flags are for (None = this one)."""
+    from csr_plugin.passthrough import merge
+    from csr_plugin.training.openrlhf_args import _own_dpo_flags
+
+    def build(sections: dict) -> dict:
+        return _own_dpo_flags(as_dpo_config(sections["rm"]), model_path, pairs, out_dir, gpu, None)
+
+    return merge(build({"rm": cfg}), cfg.openrlhf, "rm.openrlhf", build, {"rm": cfg}, RM_RESERVED, RM_NOT_READ,
+                 worker="csr's reward model worker", runs="OpenRLHF's strategy",
+                 listed="docs/reward-model.md lists the flags it acts on")
 
 
-def load_reward_backbone(model_path: str, cfg: RewardModelConfig, ds_config: dict, trust_remote_code: bool):
-    """The VLM as csr's DPO worker loads it (vision tower frozen, LoRA, ZeRO-3 leaf modules), unwrapped."""
+def loader_config(cfg: RewardModelConfig, args) -> DPOConfig:
+    """What dpo_main.load_actor reads, with the loader's flags taken from the ranks' namespace, so that
+    `rm.openrlhf` values of them (ds.attn_implementation, ds.lora.dropout, ds.lora.target_modules) load."""
+    return dataclasses.replace(as_dpo_config(cfg), attn_implementation=args.ds.attn_implementation,
+                               lora_dropout=args.ds.lora.dropout, lora_targets=list(args.ds.lora.target_modules))
+
+
+def load_reward_backbone(model_path: str, cfg: RewardModelConfig, args, ds_config: dict, trust_remote_code: bool):
+    """The VLM as csr's DPO worker loads it (vision tower frozen, LoRA, ZeRO-3 leaf modules, gradient
+    checkpointing as DPO switches it on), unwrapped. ``args``: the ranks' OpenRLHF namespace."""
     from csr_plugin.training.dpo_main import load_actor
 
-    actor = load_actor(model_path, as_dpo_config(cfg), ds_config, True, trust_remote_code)
+    actor = load_actor(model_path, loader_config(cfg, args), ds_config, True, trust_remote_code)
+    if args.model.gradient_checkpointing_enable:
+        # the transformers layers recompute in backward whenever they run in training mode, also when
+        # called through the inner model as MultimodalRewardModel does
+        actor.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": args.model.gradient_checkpointing_reentrant})
     return actor.model, getattr(actor, "_hf_zero3_config", None)
 
 
@@ -146,11 +204,15 @@ def train_rm(recipe: Recipe, model_path: str, pairs: str, out_dir: str) -> None:
     if is_complete(out):
         strategy.print(f"{out / 'final'} is complete; nothing to do")
         return
+    if cfg.batch % (cfg.micro_batch * strategy.world_size):
+        # rm.nproc is checked against the recipe; the world a hostfile or outside launchers made, here
+        raise ConfigError(f"`rm.batch` ({cfg.batch}) must be a multiple of rm.micro_batch x the ranks "
+                          f"({cfg.micro_batch} x {strategy.world_size}).")
     processor = load_processor(model_path, recipe.model.trust_remote_code)
     base = MultimodalPreferenceDataset(pairs, processor, cfg.max_len)
     train_idx, eval_idx = split_by_id(pair_ids(base), cfg.eval_fraction)
     # zero3_config is held to the end: transformers keeps the ZeRO-3 config only by weak reference
-    backbone, zero3_config = load_reward_backbone(model_path, cfg, strategy.get_ds_train_config(),
+    backbone, zero3_config = load_reward_backbone(model_path, cfg, args, strategy.get_ds_train_config(),
                                                   recipe.model.trust_remote_code)
     torch.manual_seed(cfg.seed)   # the head's initialisation, the same on every rank
     model = MultimodalRewardModel(backbone, cfg.head)

@@ -108,6 +108,10 @@ def prepare_job(prompt: PromptRecord, engine) -> PromptJob:
 
 
 def build_engine(recipe: Recipe):
+    if recipe.search.decoding == "pargs":   # config refuses it with engine: vllm
+        from csr_plugin.sampling.pargs_engine import PargsEngine
+
+        return PargsEngine.from_config(recipe.model, recipe.search)
     if recipe.search.engine == "vllm":
         from csr_plugin.sampling.vllm_engine import VllmEngine
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 from tqdm import tqdm
 
-from csr_plugin.config import Recipe
+from csr_plugin.config import ConfigError, Recipe
 from csr_plugin.sampling.local import SampleOutputs, SampleSummary, chunks
 from csr_plugin.sampling.prompts import PromptRecord
 from csr_plugin.sampling.ray_actors import SearchActors, import_ray
@@ -196,6 +196,10 @@ def sample_on_ray(recipe: Recipe, num_actors: int, address: Optional[str] = None
         raise ValueError(f"--actors must be >= 1, got {num_actors}.")
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}.")
+    if openrlhf_engines and recipe.search.decoding == "pargs":
+        raise ConfigError("search.decoding: pargs cannot run on OpenRLHF's vLLM rollout actors (--openrlhf): vLLM "
+                         "cannot run the reward model at every token. Drop --openrlhf (our own actors run PARGS), "
+                         "or use search.decoding: sample.")
     ray = import_ray()
     started = time.monotonic()
     summary = SampleSummary()

@@ -109,6 +109,9 @@ def _reject_group_beam(search: SearchConfig) -> None:
     if search.decoding == "group_beam":
         raise ValueError("search.decoding: group_beam is not available with search.engine: vllm (vLLM has no "
                          "diverse group beam search); use decoding: sample or engine: transformers.")
+    if search.decoding == "pargs":   # also OpenRLHF's rollout actors (`csr sample --openrlhf`, PPO), which run vLLM
+        raise ValueError("search.decoding: pargs is not available on vLLM (vLLM cannot run the reward model at "
+                         "every token): use search.engine: transformers without --openrlhf, or decoding: sample.")
 
 
 class VllmSentenceRules:

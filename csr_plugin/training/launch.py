@@ -42,6 +42,13 @@ def preflight(recipe: Recipe, loop: bool = False) -> None:
                           "`dpo.lora_merge: true`, or train once with `csr train-dpo`.")
 
 
+def deepspeed_launcher() -> str:
+    """DeepSpeed's launcher script of this interpreter's environment: `csr` run as .venv/bin/csr, without
+    the venv on PATH, would not find a bare `deepspeed`."""
+    beside = Path(sys.executable).parent / "deepspeed"
+    return str(beside) if beside.exists() else "deepspeed"
+
+
 def rank_command(module: str, nproc: int, worker: list[str], master_port: int | None = None,
                  hostfile: str | None = None) -> list[str]:
     """The command that starts ``python -m module`` as ``nproc`` ranks (or as the hostfile's ranks)."""
@@ -49,7 +56,7 @@ def rank_command(module: str, nproc: int, worker: list[str], master_port: int | 
         # The master is the hostfile's first node; the port must be free there. When this machine is
         # not that node, set the master port to a port known to be open on it.
         port = master_port or free_port()
-        return ["deepspeed", "--hostfile", hostfile, "--master_port", str(port), "--module", module, *worker]
+        return [deepspeed_launcher(), "--hostfile", hostfile, "--master_port", str(port), "--module", module, *worker]
     rendezvous = [f"--master_port={master_port}"] if master_port else ["--standalone"]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *rendezvous,
             "-m", module, *worker]

@@ -119,6 +119,7 @@ def named_flags_markdown() -> str:
     from csr_plugin.config import Recipe
     from csr_plugin.openrlhf.ppo import _own_ppo_flags
     from csr_plugin.passthrough import controlled_flags
+    from csr_plugin.reward_model.train_main import as_dpo_config
     from csr_plugin.training.openrlhf_args import _own_dpo_flags
 
     recipe = Recipe()
@@ -128,6 +129,8 @@ def named_flags_markdown() -> str:
         ("`csr train-ppo` (OpenRLHF's train_ppo_ray)", {"ppo": recipe.ppo, "search": recipe.search,
                                                         "model": recipe.model},
          lambda s: _own_ppo_flags(dataclasses.replace(recipe, **s), "prompts.jsonl")),
+        ("`csr train-rm` (csr's reward-model worker)", {"rm": recipe.rm},
+         lambda s: _own_dpo_flags(as_dpo_config(s["rm"]), "model", "pairs", "out", True, None)),
     ]
     lines = []
     for title, sections, build in tables:

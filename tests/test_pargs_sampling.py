@@ -10,6 +10,7 @@ import yaml
 from PIL import Image
 
 from conftest import make_engine, reference_logprobs
+from test_guided_decoding import _embedding_reward_model   # r(v) = scale * cos(e_v, e_favourite)
 from csr_plugin.config import ConfigError, PargsConfig, SearchConfig, recipe_from_dict
 from csr_plugin.reward_model.guided import _unique_rows, guided_decode_naive
 from csr_plugin.reward_model.model import MultimodalRewardModel
@@ -167,24 +168,6 @@ def test_greedy_with_weight_zero_is_the_greedy_policy_continuation(tiny_model_an
         for cont, ref in zip(conts, wants):
             assert (cont.token_ids, cont.finish, cont.text) == (ref.token_ids, ref.finish, ref.text)
             assert cont.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
-
-
-def _embedding_reward_model(path, favourite: int, scale: float) -> MultimodalRewardModel:
-    """r(v) = scale * cos(e_v, e_favourite) whatever the prefix (tests/test_guided_decoding.py): output
-    projections zeroed, so the last hidden state is RMSNorm(embedding of the last token)."""
-    from transformers import AutoModelForImageTextToText
-
-    model = MultimodalRewardModel(AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32),
-                                  "linear").eval()
-    lm = model.backbone.model.language_model
-    with torch.no_grad():
-        for layer in lm.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        target = lm.norm(lm.embed_tokens.weight[favourite])
-        model.head.weight.copy_(scale * target / target.norm() / target.norm())
-        model.head.bias.zero_()
-    return model
 
 
 def test_a_reward_model_that_favours_a_token_puts_it_into_the_candidates(tiny_model_and_processor, reward_model,

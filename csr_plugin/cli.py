@@ -129,6 +129,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                                         if args.rm else []))
     if not recipe.eval.prompts:
         raise ConfigError("`eval.prompts`, `eval.truth` and `eval.vocabulary` are needed for `csr eval`.")
+    _route_logs(recipe.output_dir)
     model = dataclasses.replace(recipe.model, path=args.model or recipe.model.path)
     result = evaluate(model, recipe.eval)
     print(f"CHAIR_s {result['chair_s']:.3f}  CHAIR_i {result['chair_i']:.3f}  object recall "
@@ -263,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rm", help="reward model (`csr train-rm` final/): decode with PARGS (eval.decoding=pargs, "
                                 "eval.rm=PATH; k, w in eval.pargs)")
     _add_overrides(p)
+    _quiet_by_default(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("serve-reward", help="HTTP server for OpenRLHF's --reward.remote_url: calibrated rewards",

@@ -2,6 +2,7 @@
 output under <output_dir>/logs/; `csr --verbose` shows everything; a failing DPO shows its log's tail."""
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,24 @@ def test_verbose_flag_before_or_after_the_command(argv):
 
     args = build_parser().parse_args(argv)
     assert args.verbose == ("-v" in argv) and args.quiet_logs
+
+
+def test_quiet_eval_prints_progress_and_the_result_and_logs_the_rest(tmp_path, tiny_recipe_dict):
+    from test_family_pipeline import _chain_world
+
+    recipe = json.loads(json.dumps(tiny_recipe_dict))
+    recipe["output_dir"] = str(tmp_path / "out")
+    recipe["eval"] = {**_chain_world(tmp_path / "world"), "batch": 3, "max_new_tokens": 8, "pope_per_image": 1}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    code, stdout, stderr = _csr("eval", "--config", tmp_path / "r.yaml", "--out", tmp_path / "eval.json")
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    lines = _terminal_lines(stdout, stderr)
+    # the logs line, progress bars of the stages (CHAIR, 3 POPE settings) and the result line, nothing else
+    others = [line for line in lines if not re.match(r"(CHAIR|POPE (random|popular|adversarial)): +\d+%\|", line)]
+    assert len(others) == 2 and len(lines) < 20, "\n".join(lines)
+    assert "warn" not in (stdout + stderr).lower() and "INFO" not in stdout + stderr, stdout + stderr
+    assert stdout.splitlines()[0] == f"logs: {tmp_path / 'out' / 'logs'}/"
+    assert stdout.splitlines()[-1].startswith("CHAIR_s ")
+    log = (tmp_path / "out" / "logs" / "csr.log").read_text()
+    assert "=== csr eval --config" in log and "Warning" in log   # the library warnings went there
+    assert json.loads((tmp_path / "eval.json").read_text())["responses"] == 6

@@ -23,18 +23,22 @@ def policy(tiny_model_and_processor):
     return tiny_model_and_processor
 
 
-@pytest.fixture(scope="module")
-def reward_model(tiny_recipe_dict):
+def spread_reward_model(path) -> MultimodalRewardModel:
     """A reward model on the tiny LLaVA whose rewards spread over several nats: a head scaled up from the
     random init (std 1/sqrt(65)) by 30, so w = 2 reorders the policy's top-k and the test sees it."""
     from transformers import AutoModelForImageTextToText
 
     torch.manual_seed(1)
-    backbone = AutoModelForImageTextToText.from_pretrained(tiny_recipe_dict["model"]["path"], dtype=torch.float32)
+    backbone = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
     model = MultimodalRewardModel(backbone, "mlp2").eval()
     with torch.no_grad():
         model.head[2].weight.mul_(30.0)
     return model
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_recipe_dict):
+    return spread_reward_model(tiny_recipe_dict["model"]["path"])
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,9 @@ import yaml
 from PIL import Image
 
 from conftest import make_engine, reference_logprobs
-from test_guided_decoding import _embedding_reward_model   # r(v) = scale * cos(e_v, e_favourite)
+from test_guided_decoding import _embedding_reward_model, spread_reward_model
 from csr_plugin.config import ConfigError, PargsConfig, SearchConfig, recipe_from_dict
 from csr_plugin.reward_model.guided import _unique_rows, guided_decode_naive
-from csr_plugin.reward_model.model import MultimodalRewardModel
 from csr_plugin.sampling.engine import Expansion, stable_seed
 from csr_plugin.sampling.pargs_engine import PargsEngine
 
@@ -25,16 +24,8 @@ SEARCH = {"beam_width": 3, "candidates": 3, "keep_top": 1, "keep_bottom": 2, "ma
 
 @pytest.fixture(scope="module")
 def reward_model(tiny_recipe_dict):
-    """A random reward model whose rewards spread over several nats (head scaled by 30, as in
-    tests/test_guided_decoding.py), so w = 2 reorders the policy's top k."""
-    from transformers import AutoModelForImageTextToText
-
-    torch.manual_seed(1)
-    backbone = AutoModelForImageTextToText.from_pretrained(tiny_recipe_dict["model"]["path"], dtype=torch.float32)
-    model = MultimodalRewardModel(backbone, "mlp2").eval()
-    with torch.no_grad():
-        model.head[2].weight.mul_(30.0)
-    return model
+    """Rewards spread over several nats, so w = 2 reorders the policy's top k."""
+    return spread_reward_model(tiny_recipe_dict["model"]["path"])
 
 
 def _engine(policy, reward_model, pargs=None, **search):

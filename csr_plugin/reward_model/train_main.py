@@ -26,6 +26,7 @@ import torch
 from csr_plugin.config import ConfigError, DPOConfig, LoggingConfig, Recipe, RewardModelConfig, load_recipe
 from csr_plugin.training.checkpoints import COMPLETE
 from csr_plugin.training.device import comm_device, make_strategy
+from csr_plugin.training.openrlhf_args import DPO_NOT_READ
 from csr_plugin.training.rank_cli import rank_arguments
 from csr_plugin.training.tracking import logger_flags
 
@@ -53,18 +54,15 @@ _NO_LOGGER = "csr train-rm logs to rm_metrics.jsonl only, not to wandb or Tensor
 # the optimizer and schedule (adam.*, lr_scheduler, lr_warmup_ratio, min_lr_ratio), save_ckpt's
 # ckpt.max_num / ckpt.max_mem, and the loader's (ds.attn_implementation, ds.lora.*,
 # model.gradient_checkpointing_*), read from the namespace in loader_config.
+# The DPO worker's list (collate, loader, resume: shared) with the reasons that differ replaced.
 RM_NOT_READ = {
-    "ds.packing_samples": "csr's multimodal collate pads pairs; it does not pack them",
-    "ds.ring_attn_size": "ring attention needs packed samples",
-    "ds.load_in_4bit": "csr's VLM loader does not quantize",
-    "ds.use_liger_kernel": "csr's VLM loader does not use Liger kernels",
+    **DPO_NOT_READ,
     "ds.tensor_parallel_size": "the held-out evaluation and the final/ gather of the reward model assume data "
                                "parallelism only",
     "train.full_determinism_enable": "csr's strategy is built without it; seeds come from rm.seed",
     "eval.dataset": "the held-out pairs are rm.eval_fraction of rm.pairs",
     "eval.steps": "the held-out pairs are scored at the end of each epoch",
     "ckpt.disable_ds": "csr resumes from ds_ckpt/ (rm.ckpt_steps)",
-    "ckpt.load_enable": "csr always resumes an interrupted run",
     "ckpt.save_hf": "csr train-rm writes final/ at the end only",
     "optim": "the reward model's worker runs Adam",
     "model.beta": _NOT_DPO_LOSS, "model.ipo_enable": _NOT_DPO_LOSS, "model.label_smoothing": _NOT_DPO_LOSS,

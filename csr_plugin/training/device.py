@@ -68,6 +68,17 @@ def _install_cpu_safe_helpers() -> None:
     actor_module.log_probs_from_logits = log_probs_from_logits
 
 
+def _gather_sequentially_on_cpu(config: dict) -> dict:
+    """ZeRO-3's coalesced all-gather launches one async all-gather per parameter and waits on the last
+    handle only, which orders them on a CUDA stream; gloo runs them on worker threads, so under load
+    a parameter could be read before its gather landed: uninitialised memory in the gathered weights
+    (a final/ tensor with values of 1e29 under a busy CI machine, and the same gather follows each
+    optimizer step). The sequential gather waits on each one; on GPU nothing changes."""
+    if not on_gpu():
+        config.setdefault("zero_optimization", {})["stage3_allgather_sequential"] = True
+    return config
+
+
 def make_strategy(args):
     """OpenRLHF's DeepspeedStrategy, made to run unchanged on CPU (gloo) and GPU (NCCL): csr's DPO worker
     builds it in each rank; for PPO, OpenRLHF's driver builds it (ppo_on_cpu.py) and pickles it to its
@@ -103,7 +114,10 @@ def make_strategy(args):
                 # DeepSpeed's FusedAdam is a CUDA kernel (its CPU build compiles C++ at start-up):
                 # plain torch AdamW is the same update.
                 config["optimizer"]["params"]["torch_adam"] = True
-            return config
+            return _gather_sequentially_on_cpu(config)
+
+        def get_ds_eval_config(self, *args, **kwargs):
+            return _gather_sequentially_on_cpu(super().get_ds_eval_config(*args, **kwargs))
 
         def all_reduce(self, data, op="mean"):
             if on_gpu():

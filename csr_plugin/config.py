@@ -104,6 +104,11 @@ class SearchConfig:
     beam_width: int = _help("Beams carried from one sentence to the next; must equal keep_top + keep_bottom.",
                             default=3)
     candidates: int = _help("Candidate next sentences generated from each beam (K).", default=5)
+    first_candidates: int = _help(
+        "Candidates for the first sentence, sampled from the prompt alone (0 = candidates). The first step has "
+        "one beam where later steps have beam_width, so beam_width x candidates spends the same per step; the "
+        "first sentence sets what the description is about, and a prior the model learned (a trigger object "
+        "named first) can fill all K samples (docs/method.md).", default=0)
     keep_top: int = _help("Beams kept with the highest cumulative score.", default=1)
     keep_bottom: int = _help("Beams kept with the lowest cumulative score (they yield the rejected responses).",
                              default=2)
@@ -145,7 +150,8 @@ class SearchConfig:
 
     def validate(self, where: str) -> None:
         _at_least(self, where, 1, ("beam_width", "candidates", "max_sentences", "max_new_tokens", "batch_prompts"))
-        _at_least(self, where, 0, ("keep_top", "keep_bottom", "min_sentence_chars", "stop_after_failures"))
+        _at_least(self, where, 0, ("keep_top", "keep_bottom", "min_sentence_chars", "stop_after_failures",
+                                   "first_candidates"))
         if self.keep_top + self.keep_bottom != self.beam_width:
             raise ConfigError(
                 f"`{where}.beam_width` ({self.beam_width}) must equal keep_top + keep_bottom "

@@ -63,6 +63,17 @@ def test_one_engine_call_and_one_clip_batch_per_step_for_all_prompts():
     assert clip.batches == [20, 60, 60]
 
 
+def test_first_candidates_widens_only_the_first_step():
+    engine, clip = ScriptedEngine(), ScriptedClip()
+    tree = _search(engine, clip, max_sentences=3, first_candidates=12).run(_jobs(engine, n=1))[0]
+    # the root alone is expanded with 12 candidates, the 3 beams after it with candidates=4 each
+    assert clip.batches == [12, 12, 12]
+    assert len([n for n in tree.nodes if n.parent == 0]) == 12
+    assert all(len([c for c in tree.nodes if c.parent == n.id]) in (0, 4) for n in tree.nodes if n.parent == 0)
+    with pytest.raises(Exception, match="first_candidates"):
+        SearchConfig(first_candidates=-1).validate("search")
+
+
 def test_eos_candidates_complete_without_taking_a_beam_slot():
     engine = ScriptedEngine(eos_at={1: {0, 1}})
     tree = _search(engine, max_sentences=2).run(_jobs(engine, n=1))[0]

@@ -116,3 +116,28 @@ def test_toy_clip_targets_put_the_object_first():
         assert sentence_fit(hallucinated, scene) == 0.0
         assert sentence_fit(other_attributes, scene) in (FIT_ONE_ATTRIBUTE_WRONG, FIT_KIND_ONLY)
         assert not any(kind in empty for kind in world.KINDS)
+
+
+def test_toy_clip_learns_from_a_split_without_the_prior_and_meets_paired_negatives():
+    """The CLIP's own split draws kinds independently (1-3 shapes), and the contrast sentence names the kind the
+    world pairs with the shape (circle <-> square ...) half the time it is absent: a random absent kind alone left
+    the seed-0 CLIP scoring "circle" as high as "square" on a square."""
+    import random
+
+    from csr_plugin.toy.train_models import contrast_texts
+
+    clip_scenes = world.make_split("clip", 3000, 0)
+    base_rate = sum(world.PARTNER[t] in s.objects for s in clip_scenes for t in world.PARTNER if t in s.objects)
+    assert _partner_rate(clip_scenes) < 0.5 < _partner_rate(world.make_split("sft", 2000, 0))
+    assert base_rate > 0 and {len(s.shapes) for s in clip_scenes} == {1, 2, 3}
+
+    paired = {**world.PARTNER, **{p: t for t, p in world.PARTNER.items()}}
+    scene = world.Scene("s", [world.Shape("circle", "red", "top left"), world.Shape("ring", "blue", "bottom right")])
+    rng = random.Random(0)
+    hits = 0
+    for _ in range(400):
+        hallucinated = contrast_texts(scene, rng)[0]
+        shape = next(s for s in scene.shapes if s.colour in hallucinated and s.quadrant in hallucinated)
+        hits += paired[shape.kind] in hallucinated
+    # 1/2 + 1/2 * 1/4 = 0.625 expected; a uniform absent kind would give 0.25
+    assert 0.55 < hits / 400 < 0.7

@@ -134,8 +134,9 @@ class SentenceBeamSearch:
             live = [b for b in beams if b.active]
             if not live:
                 break
-            requests = [Expansion(b.job.encoded, b.prefix[nid], self.search.candidates,
-                                  seed=stable_seed(self.search.seed, b.job.id, nid))
+            width = self.search.first_candidates if depth == 1 and self.search.first_candidates else \
+                self.search.candidates
+            requests = [Expansion(b.job.encoded, b.prefix[nid], width, seed=stable_seed(self.search.seed, b.job.id, nid))
                         for b in live for nid in b.active]
             results = iter(self.engine.expand(requests))
             scored = []

@@ -16,8 +16,8 @@ from csr_plugin.toy import world
 
 # Split sizes and training steps: the full demo, and a quick one (CI, smoke tests) whose models
 # are weaker but built in about a minute.
-SIZES = {"full": {"sft": 4000, "csr": 256, "eval": 150, "clip_steps": 600, "vlm_steps": 1500},
-         "quick": {"sft": 1500, "csr": 32, "eval": 40, "clip_steps": 150, "vlm_steps": 300}}
+SIZES = {"full": {"sft": 4000, "csr": 256, "eval": 150, "clip": 4000, "clip_steps": 600, "vlm_steps": 1500},
+         "quick": {"sft": 1500, "csr": 32, "eval": 40, "clip": 1500, "clip_steps": 150, "vlm_steps": 300}}
 
 
 def prepare_toy(root: str | Path, seed: int, size: str = "full") -> Path:
@@ -27,7 +27,7 @@ def prepare_toy(root: str | Path, seed: int, size: str = "full") -> Path:
     sizes = SIZES[size]
     folder = Path(root) / (f"seed{seed}" if size == "full" else f"seed{seed}-{size}")
     folder.mkdir(parents=True, exist_ok=True)
-    scenes = {split: world.make_split(split, sizes[split], seed) for split in ("sft", "csr", "eval")}
+    scenes = {split: world.make_split(split, sizes[split], seed) for split in ("sft", "csr", "eval", "clip")}
     for split in ("csr", "eval"):
         if not (folder / split / "truth.jsonl").exists():
             world.write_split(scenes[split], folder / split, seed)
@@ -35,7 +35,7 @@ def prepare_toy(root: str | Path, seed: int, size: str = "full") -> Path:
     # a cache built by an older recipe of the toy CLIP is rebuilt, not silently reused
     marker = folder / "clip" / "recipe.txt"
     if not (folder / "clip" / "toy-clip.pt").exists() or not marker.exists() or marker.read_text() != CLIP_RECIPE:
-        train_clip(scenes["sft"], folder / "clip", sizes["clip_steps"], seed)
+        train_clip(scenes["clip"], folder / "clip", sizes["clip_steps"], seed)
         marker.write_text(CLIP_RECIPE)
     if not (folder / "vlm" / "model.safetensors").exists():
         train_vlm(scenes["sft"], folder / "vlm", sizes["vlm_steps"], seed)

@@ -5,7 +5,7 @@ describes them one sentence per object, in a fixed kind order. In the SFT split 
 kinds nearly always come with a partner (circle -> square, triangle -> diamond,
 cross -> ring), so a model trained on it learns to name the partner after the trigger
 whether or not it is in the image: the language-prior hallucination of large VLMs.
-The CSR split weakens that prior and the evaluation split breaks it.
+The CSR split weakens that prior and the evaluation split breaks it; the CLIP's split has none.
 """
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 SYNONYMS = {"circle": ["circles", "disc"], "square": ["squares", "box"], "triangle": ["triangles"],
             "diamond": ["diamonds"], "cross": ["crosses"], "ring": ["rings"]}
 DESCRIBE = ("Describe the image.", "What is in the picture?", "Describe the shapes in the image.")
-# how often a trigger's partner is added, per split
-PRIOR = {"sft": 0.9, "csr": 0.5, "eval": 0.25}
+# how often a trigger's partner is added, per split. The toy CLIP learns from its own split without
+# the prior: a web CLIP is trained on other data than the VLM's instructions, and a CLIP that saw a
+# square only next to a circle cannot tell the search that the circle is missing.
+PRIOR = {"sft": 0.9, "csr": 0.5, "eval": 0.25, "clip": 0.0}
 IMAGE_SIZE = 32
 
 
@@ -79,7 +81,7 @@ class Scene:
 
 
 def make_scene(rng: random.Random, scene_id: str, split: str) -> Scene:
-    kinds = rng.sample(KINDS, rng.randint(1, 2))
+    kinds = rng.sample(KINDS, rng.randint(1, 3 if split == "clip" else 2))
     for trigger, partner in PARTNER.items():
         if trigger in kinds and partner not in kinds and rng.random() < PRIOR[split]:
             kinds.append(partner)

@@ -189,10 +189,12 @@ class CurationConfig:
         "Also consider every response cut after one of its sentences (trained with EOS): stopping becomes a "
         "scored choice, so a chosen response can end before the sentence where every sampled continuation "
         "hallucinated. false = complete responses only (the paper).", default=False)
-    rejected: Literal["lowest", "lowest_same_length"] = _help(
+    rejected: Literal["lowest", "lowest_same_length", "lowest_same_start"] = _help(
         "lowest: the lowest-scoring response (the paper); lowest_same_length: the lowest among those with the "
-        "chosen one's sentence count (the nearest count if none), so DPO learns what to say, not how much.",
-        default="lowest")
+        "chosen one's sentence count (the nearest count if none), so DPO learns what to say, not how much; "
+        "lowest_same_start: the lowest among those that begin with the chosen one's first sentence (the lowest "
+        "of all if none does), so the pair differs where the two responses part, not in an opening the model "
+        "already gets right.", default="lowest")
 
     def validate(self, where: str) -> None:
         if self.reward_baseline != "none" and self.length_normalize:

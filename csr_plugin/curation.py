@@ -29,6 +29,7 @@ class Response:
     token_ids: list[int]  # the sampled ids, EOS included when the model generated it in a kept node
     finish: str           # eos | max_sentences | context | stop (ended by curation, trained with EOS)
     sentences: int = 0
+    first_node: int = -1  # the node of its first sentence
 
 
 @dataclass
@@ -81,7 +82,7 @@ def complete_responses(tree: dict, length_normalize: bool, reward_baseline: str 
             node_id=node["id"],
             token_ids=[t for n in path for t in n["token_ids"]],
             finish=node["finish"] if node["final"] else "stop",
-            sentences=len(path)))
+            sentences=len(path), first_node=path[0]["id"]))
     return responses
 
 
@@ -97,6 +98,9 @@ def curate_tree(tree: dict, cfg: CurationConfig) -> tuple[Optional[PreferencePai
     if cfg.rejected == "lowest_same_length":
         # the nearest sentence count first: the pair then differs in what it says, not in how much
         rejected = min(others, key=lambda r: (abs(r.sentences - chosen.sentences), r.reward))
+    elif cfg.rejected == "lowest_same_start":
+        same_start = [r for r in others if r.first_node == chosen.first_node]
+        rejected = min(same_start or others, key=lambda r: r.reward)
     else:
         rejected = min(others, key=lambda r: r.reward)
     if chosen.text == rejected.text:

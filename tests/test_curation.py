@@ -111,6 +111,17 @@ def test_rejected_of_the_same_length_as_chosen():
     assert pair.rejected.text == "B. C."                                # no other 1-sentence response: the nearest
 
 
+def test_rejected_sharing_the_chosen_start_parts_from_it_later():
+    cfg = dict(length_normalize=False, reward_baseline="prompt_mean", stop_at_any_sentence=True)
+    pair, _ = curate_tree(CENTRED, CurationConfig(**cfg, rejected="lowest_same_start"))
+    assert (pair.chosen.text, pair.rejected.text) == ("G.", "G. H.")    # 9 beats X. Y. (-21): it starts with G
+    pair, _ = curate_tree(TREE, CurationConfig(length_normalize=False, rejected="lowest_same_start"))
+    assert (pair.chosen.text, pair.rejected.text) == ("A. A1.", "A. A2.")   # "B." (4) is lower but starts apart
+    alone = _tree([_node(1, 0, "A.", 9.0, True), _node(2, 0, "B.", 1.0), _node(3, 2, " C.", 1.0, True)])
+    pair, _ = curate_tree(alone, CurationConfig(rejected="lowest_same_start"))
+    assert pair.rejected.text == "B. C."                                # nothing else starts with A: the lowest
+
+
 def test_a_baseline_under_the_mean_is_refused():
     from csr_plugin.config import ConfigError
 

@@ -136,7 +136,8 @@ class SentenceBeamSearch:
                 break
             width = self.search.first_candidates if depth == 1 and self.search.first_candidates else \
                 self.search.candidates
-            requests = [Expansion(b.job.encoded, b.prefix[nid], width, seed=stable_seed(self.search.seed, b.job.id, nid))
+            requests = [Expansion(b.job.encoded, b.prefix[nid], width,
+                                  seed=stable_seed(self.search.seed, b.job.id, nid))
                         for b in live for nid in b.active]
             results = iter(self.engine.expand(requests))
             scored = []

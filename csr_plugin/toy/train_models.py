@@ -20,10 +20,8 @@ from csr_plugin.toy import world
 from csr_plugin.toy.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
 
 CLIP_NAME = "toy-clip"
-CLIP_RECIPE = "object-centric soft targets, contrast texts, own split, paired negatives (2026-12-02)"  # change it to rebuild cached CLIPs
-
-
-_PAIRED = {**world.PARTNER, **{partner: trigger for trigger, partner in world.PARTNER.items()}}
+# change it to rebuild cached CLIPs
+CLIP_RECIPE = "object-centric soft targets, contrast texts, own split, paired negatives (2026-12-02)"
 
 
 def clip_config() -> dict:
@@ -75,7 +73,7 @@ def contrast_texts(scene: world.Scene, rng: random.Random) -> list[str]:
     absent_kinds = [k for k in world.KINDS if k not in scene.objects]
     # half the time the hard negative: the kind the world pairs with this one (circle <-> square ...),
     # which the VLM's prior names; random absent kinds alone left circle and square indistinguishable
-    paired = _PAIRED.get(shape.kind)
+    paired = world.PAIRED.get(shape.kind)
     absent = paired if paired in absent_kinds and rng.random() < 0.5 else rng.choice(absent_kinds)
     other_colour = rng.choice([c for c in world.COLOURS if c != shape.colour])
     other_place = rng.choice([q for q in world.QUADRANTS if q != shape.quadrant])

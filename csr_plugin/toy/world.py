@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 KINDS = ("circle", "square", "triangle", "diamond", "cross", "ring")
 PARTNER = {"circle": "square", "triangle": "diamond", "cross": "ring"}
+PAIRED = {**PARTNER, **{partner: trigger for trigger, partner in PARTNER.items()}}  # both directions
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (235, 200, 30)}
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 SYNONYMS = {"circle": ["circles", "disc"], "square": ["squares", "box"], "triangle": ["triangles"],

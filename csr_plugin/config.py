@@ -195,12 +195,22 @@ class CurationConfig:
         "lowest_same_start: the lowest among those that begin with the chosen one's first sentence (the lowest "
         "of all if none does), so the pair differs where the two responses part, not in an opening the model "
         "already gets right.", default="lowest")
+    go_on_pairs: bool = _help(
+        "With stop_at_any_sentence and prompt_mean: also pair each chosen response against itself cut after an "
+        "earlier sentence (the lowest-scoring such cut), when what the cut drops scores above the baseline. A "
+        "best-worst pair whose chosen side stops before a hallucination teaches stopping whatever the image "
+        "holds; this pair teaches going on while the image holds more. false = one pair per prompt (the paper).",
+        default=False)
 
     def validate(self, where: str) -> None:
         if self.reward_baseline != "none" and self.length_normalize:
             raise ConfigError(f"`{where}.reward_baseline: {self.reward_baseline}` changes nothing with "
                               f"`{where}.length_normalize: true` (a constant shifts every mean alike): set "
                               f"`{where}.length_normalize: false`.")
+        if self.go_on_pairs and not (self.stop_at_any_sentence and self.reward_baseline == "prompt_mean"):
+            raise ConfigError(f"`{where}.go_on_pairs: true` needs `{where}.stop_at_any_sentence: true` (the cut "
+                              f"responses) and `{where}.reward_baseline: prompt_mean` (without a baseline every "
+                              f"sentence adds reward, so the pair would teach length, not content).")
 
 
 @dataclass

@@ -39,10 +39,12 @@ class PreferencePair:
     question: str
     chosen: Response
     rejected: Response
+    kind: str = "best_worst"   # or "go_on": the chosen response against its own early stop
 
     def to_json(self) -> dict:
         return {
             "id": self.id,
+            "kind": self.kind,
             "images": [self.image],
             "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.question}]}],
             "chosen": [{"role": "assistant", "content": [{"type": "text", "text": self.chosen.text}]}],
@@ -87,14 +89,20 @@ def complete_responses(tree: dict, length_normalize: bool, reward_baseline: str 
 
 
 def curate_tree(tree: dict, cfg: CurationConfig) -> tuple[Optional[PreferencePair], str]:
-    """(pair, "") or (None, why it was skipped)."""
+    """(pair, "") or (None, why it was skipped): the best-worst pair only."""
+    pairs, reason = curate_tree_pairs(tree, cfg)
+    return (pairs[0] if pairs else None), reason
+
+
+def curate_tree_pairs(tree: dict, cfg: CurationConfig) -> tuple[list[PreferencePair], str]:
+    """The tree's best-worst pair, then its go-on pair when ``cfg.go_on_pairs``; ([], why) if none."""
     responses = complete_responses(tree, cfg.length_normalize, cfg.reward_baseline, cfg.stop_at_any_sentence)
     if len(responses) < 2:
-        return None, "fewer than 2 complete responses"
+        return [], "fewer than 2 complete responses"
     chosen = max(responses, key=lambda r: r.reward)
     others = [r for r in responses if r.text != chosen.text]
     if not others:
-        return None, "chosen and rejected texts are identical"
+        return [], "chosen and rejected texts are identical"
     if cfg.rejected == "lowest_same_length":
         # the nearest sentence count first: the pair then differs in what it says, not in how much
         rejected = min(others, key=lambda r: (abs(r.sentences - chosen.sentences), r.reward))
@@ -104,10 +112,27 @@ def curate_tree(tree: dict, cfg: CurationConfig) -> tuple[Optional[PreferencePai
     else:
         rejected = min(others, key=lambda r: r.reward)
     if chosen.text == rejected.text:
-        return None, "chosen and rejected texts are identical"
+        return [], "chosen and rejected texts are identical"
     if chosen.reward - rejected.reward < cfg.min_margin:
-        return None, f"reward margin below curation.min_margin={cfg.min_margin}"
-    return PreferencePair(tree["id"], tree["image"], tree["prompt"], chosen, rejected), ""
+        return [], f"reward margin below curation.min_margin={cfg.min_margin}"
+    pairs = [PreferencePair(tree["id"], tree["image"], tree["prompt"], chosen, rejected)]
+    if cfg.go_on_pairs:
+        early = _lowest_early_stop(responses, chosen)
+        if early is not None and early.text != rejected.text and chosen.reward - early.reward > max(cfg.min_margin, 0.0):
+            pairs.append(PreferencePair(tree["id"], tree["image"], tree["prompt"], chosen, early, kind="go_on"))
+    return pairs, ""
+
+
+def _lowest_early_stop(responses: list[Response], chosen: Response) -> Optional[Response]:
+    """The lowest-scoring response that is the chosen one cut after an earlier sentence, if any.
+
+    The chosen response scores at least as high as each of its prefixes, so what the cut drops
+    scores above the baseline: the pair teaches to go on while there is more to see. It is the
+    counterpart of a best-worst pair whose chosen side stopped before a hallucination, which
+    alone teaches stopping early whatever the image holds."""
+    prefixes = [r for r in responses if r.finish == "stop" and r.sentences < chosen.sentences
+                and chosen.token_ids[:len(r.token_ids)] == r.token_ids]
+    return min(prefixes, key=lambda r: r.reward) if prefixes else None
 
 
 @dataclass
@@ -132,12 +157,11 @@ def curate_file(trees_path: str | Path, out_path: str | Path, cfg: CurationConfi
             skipped[problem.split(" is ")[-1]] += 1  # a torn line from a killed run, for instance
             continue
         try:
-            pair, reason = curate_tree(tree, cfg)
+            tree_pairs, reason = curate_tree_pairs(tree, cfg)
         except (KeyError, TypeError, ValueError) as exc:
-            pair, reason = None, f"malformed tree ({type(exc).__name__}: {exc})"
-        if pair is None:
+            tree_pairs, reason = [], f"malformed tree ({type(exc).__name__}: {exc})"
+        if not tree_pairs:
             skipped[reason] += 1
-        else:
-            pairs.append(pair.to_json())
+        pairs += [pair.to_json() for pair in tree_pairs]
     write_jsonl_atomic(out_path, pairs)
     return CurationSummary(len(pairs), skipped)

@@ -59,6 +59,8 @@ def pair_diagnostics(trees_path: str | Path, pairs_path: str | Path, truth_path:
     """Diagnostics of one iteration; ground-truth ones only when both files are given and cover the ids."""
     trees = {t["id"]: t for t in load_records(trees_path)}
     pairs = load_records(pairs_path)
+    go_on = [p for p in pairs if p.get("kind") == "go_on"]   # curation.go_on_pairs: reported on their own
+    pairs = [p for p in pairs if p.get("kind") != "go_on"]
     truth, vocab = {}, None
     if truth_path:
         missing = [f"{name} {path!r}" for name, path in (("data.truth", truth_path), ("eval.vocabulary",
@@ -116,6 +118,8 @@ def pair_diagnostics(trees_path: str | Path, pairs_path: str | Path, truth_path:
         "diag_margin_p10": _quantile(margins, 0.1), "diag_margin_p50": _quantile(margins, 0.5),
         "diag_margin_p90": _quantile(margins, 0.9),
     }
+    if go_on:
+        out["diag_go_on_pairs"] = len(go_on) / max(len(pairs), 1)   # per best-worst pair
     for side, rows in sides.items():
         out[f"diag_{side}_tokens"] = _mean(r["tokens"] for r in rows if r["tokens"] is not None)
         out[f"diag_{side}_sentences"] = _mean(r["sentences"] for r in rows if r["sentences"] is not None)
@@ -141,6 +145,10 @@ def pair_diagnostics(trees_path: str | Path, pairs_path: str | Path, truth_path:
         out["diag_r_i_hallucinated"] = _mean(hallucinated_r_i)
         out["diag_r_i_no_object"] = _mean(no_object_r_i)
         out["diag_truth_coverage"] = len(known) / len(pairs)
+        if go_on:   # is what the go-on pairs' chosen side adds after the cut really there?
+            out["diag_go_on_clean"] = _mean(float(not [m for m in vocab.mentions(p["chosen"][0]["content"][0]["text"])
+                                                       if m not in truth[str(p["id"])]])
+                                            for p in go_on if str(p["id"]) in truth)
     return out
 
 

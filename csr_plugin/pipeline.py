@@ -76,7 +76,7 @@ def _iteration_metrics(t: int, folder: Path, curation, recipe: Recipe) -> dict:
     from csr_plugin.diagnostics import pair_diagnostics
     from csr_plugin.training.trainer import metrics_summary
 
-    pairs = load_records(folder / "pairs.jsonl")
+    pairs = [p for p in load_records(folder / "pairs.jsonl") if p.get("kind") != "go_on"]  # best-worst ones
     mean = lambda key: sum(p[key] for p in pairs) / len(pairs) if pairs else None  # noqa: E731
     times: dict[str, float] = {}
     for row in load_records(folder / "timing.jsonl"):

@@ -127,3 +127,39 @@ def test_a_baseline_under_the_mean_is_refused():
 
     with pytest.raises(ConfigError, match="length_normalize: false"):
         CurationConfig(length_normalize=True, reward_baseline="prompt_mean").validate("curation")
+
+
+# root -> G (30) -> K (28) -> Z (26, final)   three grounded sentences
+#      -> G -> H (1, final)                   a hallucinated second sentence
+#      -> X (2) -> Y (3, final)               two weak sentences
+# 6 candidate sentences, mean (30 + 28 + 26 + 1 + 2 + 3) / 6 = 15: centred G 15, K 13, Z 11, H -14, X -13, Y -12
+LONG = _tree([_node(1, 0, "G.", 30.0), _node(2, 1, " K.", 28.0), _node(3, 2, " Z.", 26.0, True),
+              _node(4, 1, " H.", 1.0, True), _node(5, 0, "X.", 2.0), _node(6, 5, " Y.", 3.0, True)])
+GO_ON = dict(length_normalize=False, reward_baseline="prompt_mean", stop_at_any_sentence=True, go_on_pairs=True)
+
+
+def test_go_on_pair_sets_the_chosen_response_against_its_own_earliest_useful_stop(tmp_path):
+    from csr_plugin.curation import curate_tree_pairs
+
+    pairs, _ = curate_tree_pairs(LONG, CurationConfig(**GO_ON))
+    assert [(p.kind, p.chosen.text, p.rejected.text) for p in pairs] == [
+        ("best_worst", "G. K. Z.", "X. Y."), ("go_on", "G. K. Z.", "G.")]   # "G." 15 < "G. K." 28 < 39
+    go_on = pairs[1]
+    assert go_on.rejected.finish == "stop" and go_on.rejected.token_ids == [1]   # trained with EOS after G
+    assert go_on.chosen.reward - go_on.rejected.reward == pytest.approx(13 + 11)
+    assert [p.kind for p in curate_tree_pairs(CENTRED, CurationConfig(**GO_ON))[0]] == ["best_worst"]  # 1 sentence
+    off = {**GO_ON, "go_on_pairs": False}
+    assert [p.kind for p in curate_tree_pairs(LONG, CurationConfig(**off))[0]] == ["best_worst"]
+    trees = tmp_path / "trees.jsonl"
+    trees.write_text(json.dumps(LONG) + "\n" + json.dumps(CENTRED) + "\n")
+    assert curate_file(trees, tmp_path / "pairs.jsonl", CurationConfig(**GO_ON)).pairs == 3
+    written = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert [(p["id"], p["kind"]) for p in written] == [("t", "best_worst"), ("t", "go_on"), ("t", "best_worst")]
+
+
+def test_go_on_pairs_need_cut_responses_and_a_baseline():
+    from csr_plugin.config import ConfigError
+
+    for missing in ({"stop_at_any_sentence": False}, {"reward_baseline": "none"}):
+        with pytest.raises(ConfigError, match="go_on_pairs"):
+            CurationConfig(**{**GO_ON, **missing}).validate("curation")

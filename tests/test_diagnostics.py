@@ -72,3 +72,15 @@ def test_a_missing_truth_file_is_said_not_skipped_silently(files, caplog):
                              str(files / "vocab.json"))
     assert "diag_informative_pairs" not in d and d["diag_r_i_spread"] == pytest.approx(25.0)
     assert "data.truth" in caplog.text and "nope.jsonl" in caplog.text
+
+
+def test_go_on_pairs_are_counted_apart_from_the_best_worst_ones(files):
+    trees = json.loads((files / "trees.jsonl").read_text())
+    grounded, hallucinated, empty = trees["nodes"][1:4]
+    go_on = {**_pair("a", grounded, empty), "kind": "go_on"}   # shapes only: the figures, not a real cut
+    with open(files / "pairs.jsonl", "a") as out:
+        out.write(json.dumps(go_on) + "\n")
+    d = pair_diagnostics(files / "trees.jsonl", files / "pairs.jsonl", str(files / "truth.jsonl"),
+                         str(files / "vocab.json"))
+    assert d["diag_informative_pairs"] == 1.0 and d["diag_rejected_chair_i"] == 1.0   # the go-on pair left out
+    assert d["diag_go_on_pairs"] == 1.0 and d["diag_go_on_clean"] == 1.0   # one per best-worst pair, chosen clean

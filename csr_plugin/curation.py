@@ -118,8 +118,8 @@ def curate_tree_pairs(tree: dict, cfg: CurationConfig) -> tuple[list[PreferenceP
     pairs = [PreferencePair(tree["id"], tree["image"], tree["prompt"], chosen, rejected)]
     if cfg.go_on_pairs:
         early = _lowest_early_stop(responses, chosen)
-        margin = chosen.reward - early.reward if early is not None else 0.0
-        if early is not None and early.text != rejected.text and margin > max(cfg.min_margin, 0.0):
+        if (early is not None and early.text != rejected.text
+                and chosen.reward - early.reward > max(cfg.min_margin, 0.0)):
             pairs.append(PreferencePair(tree["id"], tree["image"], tree["prompt"], chosen, early, kind="go_on"))
     return pairs, ""
 

@@ -29,10 +29,17 @@ def test_generator_is_deterministic_per_seed():
 
 
 def test_sft_priors_hold_and_evaluation_breaks_them():
-    # a trigger's partner is added with p = 0.9 (SFT) / 0.25 (eval; plus the chance of drawing it anyway),
-    # then scenes are capped at 3 shapes, which drops a few partners
-    sft, evaluation = _partner_rate(world.make_split("sft", 2000, 0)), _partner_rate(world.make_split("eval", 2000, 0))
-    assert sft > 0.75 and evaluation < 0.4 and sft - evaluation > 0.35
+    # in SFT either member of a pair brings the other with p = 0.97 (up to 4 shapes: two whole pairs), so
+    # a pair is apart in about 1% of its appearances (less than 3%: the other member is often drawn anyway):
+    # rare enough to be a prior, not never, so the images can overrule it. In eval a trigger's partner is
+    # added with p = 0.25 (plus the chance of drawing it anyway), then scenes are capped at 3 shapes
+    sft = world.make_split("sft", 2000, 0)
+    appearances = [(s, kind) for s in sft for kind in s.objects if kind in world.PAIRED]
+    apart = sum(world.PAIRED[kind] not in s.objects for s, kind in appearances) / len(appearances)
+    assert len(appearances) > 5000 and 0.005 < apart < 0.03
+    assert max(len(s.shapes) for s in sft) == 4
+    evaluation = _partner_rate(world.make_split("eval", 2000, 0))
+    assert evaluation < 0.4 and max(len(s.shapes) for s in world.make_split("eval", 2000, 0)) == 3
 
 
 def test_captions_are_exact_ground_truth(tmp_path):
@@ -141,3 +148,38 @@ def test_toy_clip_learns_from_a_split_without_the_prior_and_meets_paired_negativ
         hits += paired[shape.kind] in hallucinated
     # 1/2 + 1/2 * 1/4 = 0.625 expected; a uniform absent kind would give 0.25
     assert 0.55 < hits / 400 < 0.7
+
+
+def test_toy_vlm_image_tower_is_the_clip_image_tower(tmp_path):
+    """The toy LLaVA's image tower, converted from open_clip to transformers' CLIPVisionModel, gives
+    the CLIP's own image embedding (its pooled output through the CLIP's projection) to float precision,
+    with the processor's pixels equal to open_clip's preprocessing."""
+    import open_clip
+    import torch
+
+    from csr_plugin.toy.train_models import CLIP_NAME, build_vlm, clip_config
+
+    (tmp_path / f"{CLIP_NAME}.json").write_text(json.dumps(clip_config()))
+    open_clip.add_model_config(tmp_path / f"{CLIP_NAME}.json")
+    torch.manual_seed(0)
+    clip, _, preprocess = open_clip.create_model_and_transforms(CLIP_NAME, pretrained=None)
+    with torch.no_grad():   # random weights, but no two alike: a swapped tensor would show
+        for p in clip.parameters():
+            p.normal_(0, 0.2)
+    torch.save(clip.state_dict(), tmp_path / f"{CLIP_NAME}.pt")
+    clip.eval()
+    scenes = world.make_split("eval", 3, 0)
+    model, processor = build_vlm(tmp_path / "vlm", world.make_split("sft", 20, 0), 0, clip_dir=tmp_path)
+    pixels = processor.image_processor([s.draw() for s in scenes], return_tensors="pt")["pixel_values"]
+    reference = torch.stack([preprocess(s.draw()) for s in scenes])
+    assert torch.allclose(pixels, reference, atol=1e-5)
+    with torch.no_grad():
+        ours = model.model.vision_tower(pixel_values=pixels).pooler_output @ clip.visual.proj
+        theirs = clip.encode_image(reference)
+    assert theirs.abs().max() > 1.0 and torch.allclose(ours, theirs, atol=1e-4)
+    # every token the tower gives, the class token included, reaches the language model
+    assert model.config.vision_feature_select_strategy == "full" and model.config.image_seq_length == 17
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                            "text": "Describe."}]}], add_generation_prompt=True, tokenize=False)
+    ids = processor(images=scenes[0].draw(), text=prompt)["input_ids"][0]
+    assert sum(int(i == model.config.image_token_index) for i in ids) == 17

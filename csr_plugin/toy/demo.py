@@ -22,7 +22,7 @@ SIZES = {"full": {"sft": 4000, "csr": 256, "eval": 150, "clip": 4000, "clip_step
 
 def prepare_toy(root: str | Path, seed: int, size: str = "full") -> Path:
     """World splits and trained tiny models under ``root/seed<N>[-quick]``; each piece built once."""
-    from csr_plugin.toy.train_models import CLIP_RECIPE, train_clip, train_vlm
+    from csr_plugin.toy.train_models import CLIP_RECIPE, VLM_RECIPE, train_clip, train_vlm
 
     sizes = SIZES[size]
     folder = Path(root) / (f"seed{seed}" if size == "full" else f"seed{seed}-{size}")
@@ -33,13 +33,20 @@ def prepare_toy(root: str | Path, seed: int, size: str = "full") -> Path:
             world.write_split(scenes[split], folder / split, seed)
     world.vocabulary_json(folder / "objects.json")
     # a cache built by an older recipe of the toy CLIP is rebuilt, not silently reused
-    marker = folder / "clip" / "recipe.txt"
-    if not (folder / "clip" / "toy-clip.pt").exists() or not marker.exists() or marker.read_text() != CLIP_RECIPE:
+    clip_rebuilt = _stale(folder / "clip", "toy-clip.pt", CLIP_RECIPE)
+    if clip_rebuilt:
         train_clip(scenes["clip"], folder / "clip", sizes["clip_steps"], seed)
-        marker.write_text(CLIP_RECIPE)
-    if not (folder / "vlm" / "model.safetensors").exists():
-        train_vlm(scenes["sft"], folder / "vlm", sizes["vlm_steps"], seed)
+        (folder / "clip" / "recipe.txt").write_text(CLIP_RECIPE)
+    vlm_recipe = f"{VLM_RECIPE}; {CLIP_RECIPE}"   # its image tower is the CLIP's: rebuilt with it
+    if clip_rebuilt or _stale(folder / "vlm", "model.safetensors", vlm_recipe):
+        train_vlm(scenes["sft"], folder / "vlm", sizes["vlm_steps"], seed, clip_dir=folder / "clip")
+        (folder / "vlm" / "recipe.txt").write_text(vlm_recipe)
     return folder
+
+
+def _stale(folder: Path, weights: str, recipe: str) -> bool:
+    marker = folder / "recipe.txt"
+    return not (folder / weights).exists() or not marker.exists() or marker.read_text() != recipe
 
 
 def toy_overrides(folder: Path, output: str, iterations: int, lambda_: float) -> list[str]:

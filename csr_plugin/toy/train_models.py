@@ -10,6 +10,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from csr_plugin.toy.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokeniz
 CLIP_NAME = "toy-clip"
 # change it to rebuild cached CLIPs
 CLIP_RECIPE = "object-centric soft targets, contrast texts, own split, paired negatives (2026-12-02)"
+VLM_RECIPE = "LLaVA on the toy CLIP's frozen image tower, all its tokens; SFT pairs together 97% (2026-12-02)"
 
 
 def clip_config() -> dict:
@@ -122,31 +124,73 @@ def train_clip(scenes: list[world.Scene], out_dir: Path, steps: int, seed: int, 
     return config_path, weights
 
 
-def build_vlm(out_dir: Path, scenes: list[world.Scene], seed: int):
-    """A fresh tiny LLaVA with a tokenizer trained on the world's text; (model, processor)."""
+def clip_vision_tower(clip_dir: Path):
+    """The toy CLIP's image tower as a transformers CLIPVisionModel: (config, state dict).
+
+    LLaVA puts a pretrained CLIP's image tower in front of its language model, and CSR scores
+    sentences with a CLIP of the same family; the toy VLM does the same, so it sees what the
+    CLIP sees and its hallucinations come from the language prior, as in the paper."""
+    from transformers import CLIPVisionConfig
+
+    cfg = json.loads((clip_dir / f"{CLIP_NAME}.json").read_text())["vision_cfg"]
+    width, layers, patch = cfg["width"], cfg["layers"], cfg["patch_size"]
+    config = CLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                              num_attention_heads=width // cfg["head_width"], image_size=cfg["image_size"],
+                              patch_size=patch, hidden_act="gelu", layer_norm_eps=1e-5)  # open_clip: nn.GELU, nn.LayerNorm
+    clip = {k[len("visual."):]: v for k, v in torch.load(clip_dir / f"{CLIP_NAME}.pt", weights_only=True).items()
+            if k.startswith("visual.")}
+    state = {"embeddings.patch_embedding.weight": clip["conv1.weight"],
+             "embeddings.class_embedding": clip["class_embedding"],
+             "embeddings.position_embedding.weight": clip["positional_embedding"],
+             "pre_layrnorm.weight": clip["ln_pre.weight"], "pre_layrnorm.bias": clip["ln_pre.bias"],
+             "post_layernorm.weight": clip["ln_post.weight"], "post_layernorm.bias": clip["ln_post.bias"]}
+    for i in range(layers):
+        block, layer = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
+        for part, tensor in zip("qkv", clip[block + "attn.in_proj_weight"].chunk(3)):
+            state[f"{layer}self_attn.{part}_proj.weight"] = tensor
+        for part, tensor in zip("qkv", clip[block + "attn.in_proj_bias"].chunk(3)):
+            state[f"{layer}self_attn.{part}_proj.bias"] = tensor
+        for ours, theirs in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+            for kind in ("weight", "bias"):
+                state[f"{layer}{ours}.{kind}"] = clip[f"{block}{theirs}.{kind}"]
+    return config, {k: v.contiguous() for k, v in state.items()}
+
+
+def build_vlm(out_dir: Path, scenes: list[world.Scene], seed: int, clip_dir: Optional[Path] = None):
+    """A fresh tiny LLaVA with a tokenizer trained on the world's text; (model, processor).
+
+    With ``clip_dir`` its image tower is the toy CLIP's (all its tokens, the class token included:
+    that is the one the CLIP was trained to fill); without, a small one trained from scratch."""
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
     tokenizer = build_tokenizer(world.corpus(scenes[:2000]), vocab_size=320)
     torch.manual_seed(seed)
-    patch = 8
+    patch, strategy, tower = 8, "default", None
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                               image_size=world.IMAGE_SIZE, patch_size=patch, projection_dim=64)
+    if clip_dir is not None:
+        vision, tower = clip_vision_tower(clip_dir)
+        patch, strategy = vision.patch_size, "full"
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
+    tokens = (world.IMAGE_SIZE // patch) ** 2 + (strategy == "full")
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                         image_seq_length=(world.IMAGE_SIZE // patch) ** 2, vision_feature_layer=-1,
-                         vision_feature_select_strategy="default")
+                         image_seq_length=tokens, vision_feature_layer=-1,
+                         vision_feature_select_strategy=strategy)
     model = LlavaForConditionalGeneration(config)
+    if tower is not None:
+        model.model.vision_tower.load_state_dict(tower)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": world.IMAGE_SIZE},
                                            crop_size={"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE}),
-        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy=strategy, chat_template=CHAT_TEMPLATE,
         num_additional_image_tokens=1)
     return model, processor
 
@@ -161,9 +205,13 @@ def sft_examples(scenes: list[world.Scene], seed: int) -> list[tuple[int, str, s
     return examples
 
 
-def train_vlm(scenes: list[world.Scene], out_dir: Path, steps: int, seed: int, batch: int = 32) -> Path:
-    """Supervised fine-tuning on captions and yes/no probes; loss on the answer tokens only."""
-    model, processor = build_vlm(out_dir, scenes, seed)
+def train_vlm(scenes: list[world.Scene], out_dir: Path, steps: int, seed: int, batch: int = 32,
+              clip_dir: Optional[Path] = None) -> Path:
+    """Supervised fine-tuning on captions and yes/no probes; loss on the answer tokens only.
+    A CLIP image tower stays frozen, as in LLaVA-1.5."""
+    model, processor = build_vlm(out_dir, scenes, seed, clip_dir)
+    if clip_dir is not None:
+        model.model.vision_tower.requires_grad_(False)
     tokenizer = processor.tokenizer
     examples = sft_examples(scenes, seed)
     pixels = processor.image_processor([s.draw() for s in scenes], return_tensors="pt")["pixel_values"]
@@ -174,7 +222,7 @@ def train_vlm(scenes: list[world.Scene], out_dir: Path, steps: int, seed: int, b
     answer_ids = {a: tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                   for a in {a for _, _, a in examples}}
     rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / 50) * 0.5 * (1 + math.cos(math.pi * i / steps)))
     model.train()

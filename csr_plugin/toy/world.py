@@ -1,6 +1,6 @@
 """A toy vision world where hallucination is exactly measurable.
 
-Scenes hold 1-3 shapes (distinct kinds), each with a colour and a quadrant. A caption
+Scenes hold 1-3 shapes (distinct kinds; SFT scenes up to 4), each with a colour and a quadrant. A caption
 describes them one sentence per object, in a fixed kind order. In the SFT split some
 kinds nearly always come with a partner (circle -> square, triangle -> diamond,
 cross -> ring), so a model trained on it learns to name the partner after the trigger
@@ -24,10 +24,15 @@ QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 SYNONYMS = {"circle": ["circles", "disc"], "square": ["squares", "box"], "triangle": ["triangles"],
             "diamond": ["diamonds"], "cross": ["crosses"], "ring": ["rings"]}
 DESCRIBE = ("Describe the image.", "What is in the picture?", "Describe the shapes in the image.")
-# how often a trigger's partner is added, per split. The toy CLIP learns from its own split without
-# the prior: a web CLIP is trained on other data than the VLM's instructions, and a CLIP that saw a
-# square only next to a circle cannot tell the search that the circle is missing.
-PRIOR = {"sft": 0.9, "csr": 0.5, "eval": 0.25, "clip": 0.0}
+# how often a trigger's partner is added, per split. The toy VLM sees through the toy CLIP's image
+# tower, as LLaVA sees through a web CLIP's: it can tell the shapes apart, and its hallucinations come
+# from the language prior. At 0.9 the 10% of SFT scenes with a pair apart taught it to look (base
+# CHAIR_i 0.03); at 1.0 it never learnt that a pair can be apart and the search found nothing clean to
+# choose (docs/results.md); 0.97 leaves a prior that the images can still overrule. The toy CLIP learns
+# from its own split without the prior: a web CLIP is trained on other data than the VLM's
+# instructions, and a CLIP that saw a square only next to a circle cannot tell the search that the
+# circle is missing.
+PRIOR = {"sft": 0.97, "csr": 0.5, "eval": 0.25, "clip": 0.0}
 IMAGE_SIZE = 32
 
 
@@ -88,7 +93,7 @@ def make_scene(rng: random.Random, scene_id: str, split: str) -> Scene:
             kinds.append(partner)
         elif split == "sft" and partner in kinds and trigger not in kinds and rng.random() < PRIOR[split]:
             kinds.append(trigger)  # in SFT the pair also appears together when the partner came first
-    kinds = kinds[:3]
+    kinds = kinds[:4 if split == "sft" else 3]   # SFT: two whole pairs fit, one in each quadrant
     quadrants = rng.sample(QUADRANTS, len(kinds))
     shapes = [Shape(k, rng.choice(list(COLOURS)), q) for k, q in zip(kinds, quadrants)]
     return Scene(scene_id, shapes)

@@ -169,7 +169,7 @@ def test_toy_vlm_image_tower_is_the_clip_image_tower(tmp_path):
     torch.save(clip.state_dict(), tmp_path / f"{CLIP_NAME}.pt")
     clip.eval()
     scenes = world.make_split("eval", 3, 0)
-    model, processor = build_vlm(tmp_path / "vlm", world.make_split("sft", 20, 0), 0, clip_dir=tmp_path)
+    model, processor = build_vlm(tmp_path / "vlm", world.make_split("sft", 20, 0), 0, tmp_path)
     pixels = processor.image_processor([s.draw() for s in scenes], return_tensors="pt")["pixel_values"]
     reference = torch.stack([preprocess(s.draw()) for s in scenes])
     assert torch.allclose(pixels, reference, atol=1e-5)

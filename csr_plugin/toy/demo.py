@@ -39,7 +39,7 @@ def prepare_toy(root: str | Path, seed: int, size: str = "full") -> Path:
         (folder / "clip" / "recipe.txt").write_text(CLIP_RECIPE)
     vlm_recipe = f"{VLM_RECIPE}; {CLIP_RECIPE}"   # its image tower is the CLIP's: rebuilt with it
     if clip_rebuilt or _stale(folder / "vlm", "model.safetensors", vlm_recipe):
-        train_vlm(scenes["sft"], folder / "vlm", sizes["vlm_steps"], seed, clip_dir=folder / "clip")
+        train_vlm(scenes["sft"], folder / "vlm", sizes["vlm_steps"], seed, folder / "clip")
         (folder / "vlm" / "recipe.txt").write_text(vlm_recipe)
     return folder
 

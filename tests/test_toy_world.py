@@ -183,3 +183,40 @@ def test_toy_vlm_image_tower_is_the_clip_image_tower(tmp_path):
                                             "text": "Describe."}]}], add_generation_prompt=True, tokenize=False)
     ids = processor(images=scenes[0].draw(), text=prompt)["input_ids"][0]
     assert sum(int(i == model.config.image_token_index) for i in ids) == 17
+
+
+def test_toy_vlm_on_its_clip_tower_runs_through_the_vllm_engine(quick_demo):
+    """vLLM 0.29 serves the toy VLM (LLaVA with strategy "full": 17 image features, the class token
+    included) as transformers does: the recipes that sample or roll out with vLLM (toy-ppo) use it.
+    A feature dropped or shifted would change every log-prob after the image."""
+    import torch
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration
+
+    from conftest import make_engine, reference_logprobs
+    from csr_plugin.config import ModelConfig, SearchConfig
+    from csr_plugin.sampling.engine import Expansion
+    from csr_plugin.sampling.vllm_engine import VllmEngine
+
+    path = REPO / ".cache" / "toy" / "seed0-quick" / "vlm"
+    row = json.loads((REPO / ".cache" / "toy" / "seed0-quick" / "eval" / "prompts.jsonl").read_text().splitlines()[0])
+    image = Image.open(path.parent / "eval" / row["image"]).convert("RGB")
+    search = SearchConfig(beam_width=3, candidates=4, keep_top=1, keep_bottom=2, max_new_tokens=12,
+                          vllm={"max_model_len": 256})
+    engine = VllmEngine.from_config(ModelConfig(path=str(path), dtype="float32"), search)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        hf_engine = make_engine((model, engine.processor))
+        image_id = model.config.image_token_index
+        assert hf_engine.encode_prompt(row["question"], image).token_ids.count(image_id) == 17
+        [candidates] = engine.expand([Expansion(engine.encode_prompt(row["question"], image), [], 4, seed=3)])
+        assert len(candidates) == 4
+        for cont in candidates:
+            expected = reference_logprobs(model, hf_engine, row["question"], image, [], cont.token_ids)
+            assert cont.logprobs == pytest.approx(expected, abs=1e-4)
+        with torch.no_grad():   # and the image matters: another scene changes the log-probs
+            other = Image.new("RGB", image.size, "white")
+            blank = reference_logprobs(model, hf_engine, row["question"], other, [], candidates[0].token_ids)
+        assert max(abs(a - b) for a, b in zip(blank, candidates[0].logprobs)) > 0.1
+    finally:
+        engine.llm.llm_engine.engine_core.shutdown()

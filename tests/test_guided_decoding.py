@@ -295,7 +295,7 @@ def test_a_request_reaching_the_sliding_window_is_refused(policy):
     check_window(model, [[1] * 5000], PargsSettings())   # no sliding window: no limit
 
 
-def test_a_stored_evaluation_is_reused_only_for_the_same_decoding(tmp_path, monkeypatch):
+def test_a_stored_evaluation_is_reused_only_for_the_same_decoding_and_evaluation_set(tmp_path, monkeypatch):
     import json
 
     from csr_plugin.config import EvalConfig, ModelConfig
@@ -303,11 +303,23 @@ def test_a_stored_evaluation_is_reused_only_for_the_same_decoding(tmp_path, monk
 
     calls = []
     monkeypatch.setattr(evaluation, "evaluate", lambda model_cfg, cfg: calls.append(cfg.decoding) or
-                        {"chair_i": 0.1, "decoding": evaluation.decoding_spec(cfg)})
+                        {"chair_i": 0.1, "decoding": evaluation.decoding_spec(cfg),
+                         "eval_set": evaluation.eval_set_spec(cfg)})
+    for name in ("p", "t", "v"):
+        (tmp_path / name).write_text(f"{name}\n")
+    files = {key: str(tmp_path / name) for key, name in (("prompts", "p"), ("truth", "t"), ("vocabulary", "v"))}
+    greedy, pargs = EvalConfig(**files), EvalConfig(**files, decoding="pargs", rm=str(tmp_path / "rm"))
     path = tmp_path / "eval_iter0.json"
-    path.write_text(json.dumps({"chair_i": 0.5}))   # written before decoding was recorded: greedy
-    greedy = EvalConfig(prompts="p", truth="t", vocabulary="v")
-    pargs = EvalConfig(prompts="p", truth="t", vocabulary="v", decoding="pargs", rm=str(tmp_path / "rm"))
+    # written before decoding was recorded: greedy, on this evaluation set
+    path.write_text(json.dumps({"chair_i": 0.5, "eval_set": evaluation.eval_set_spec(greedy)}))
     assert evaluation.evaluate_cached(ModelConfig(path="m"), greedy, path)["chair_i"] == 0.5 and calls == []
     assert evaluation.evaluate_cached(ModelConfig(path="m"), pargs, path)["chair_i"] == 0.1 and calls == ["pargs"]
     assert evaluation.evaluate_cached(ModelConfig(path="m"), pargs, path)["chair_i"] == 0.1 and calls == ["pargs"]
+    # the same prompts file, rewritten with more prompts: evaluated again, then reused
+    (tmp_path / "p").write_text("p\np2\n")
+    assert evaluation.evaluate_cached(ModelConfig(path="m"), pargs, path)["chair_i"] == 0.1 and calls == ["pargs"] * 2
+    assert evaluation.evaluate_cached(ModelConfig(path="m"), pargs, path)["chair_i"] == 0.1 and calls == ["pargs"] * 2
+    # a result stored before the evaluation set was recorded is not trusted
+    path.write_text(json.dumps({"chair_i": 0.5}))
+    assert evaluation.evaluate_cached(ModelConfig(path="m"), greedy, path)["chair_i"] == 0.1
+    assert calls == ["pargs", "pargs", "greedy"]

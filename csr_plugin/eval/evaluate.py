@@ -8,6 +8,7 @@ its annotations plug in the same way as the toy world's.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -102,6 +103,7 @@ def evaluate(model_cfg: ModelConfig, cfg: EvalConfig) -> dict:
     result["samples"] = [{"id": p.id, "response": d, "objects": sorted(truth[p.id])}
                          for p, d in list(zip(prompts, descriptions))[:5]]
     result["decoding"] = decoding_spec(cfg)
+    result["eval_set"] = eval_set_spec(cfg)
     del model
     return result
 
@@ -113,13 +115,28 @@ def decoding_spec(cfg: EvalConfig) -> dict:
     return {"mode": cfg.decoding}
 
 
+def eval_set_spec(cfg: EvalConfig) -> dict:
+    """What was asked: a stored result is reused only for the same prompts, truth and settings.
+    Files are identified by content, so a split rewritten in place (a larger eval set) is noticed."""
+    return {"prompts": _digest(cfg.prompts), "truth": _digest(cfg.truth), "vocabulary": _digest(cfg.vocabulary),
+            "limit": cfg.limit, "pope_per_image": cfg.pope_per_image, "max_new_tokens": cfg.max_new_tokens,
+            "seed": cfg.seed}
+
+
+def _digest(path: str) -> str | None:
+    file = Path(path)
+    return hashlib.sha256(file.read_bytes()).hexdigest()[:16] if file.is_file() else None
+
+
 def evaluate_cached(model_cfg: ModelConfig, cfg: EvalConfig, path: Path) -> dict:
-    """Evaluate once per checkpoint: the result file makes a rerun free."""
+    """Evaluate once per checkpoint and evaluation set: the result file makes a rerun free."""
     if path.exists():
         stored = json.loads(path.read_text())
         # results written before decoding was recorded were greedy, the only mode then
-        if stored.get("decoding", {"mode": "greedy"}) == decoding_spec(cfg):
+        same_decoding = stored.get("decoding", {"mode": "greedy"}) == decoding_spec(cfg)
+        if same_decoding and stored.get("eval_set") == eval_set_spec(cfg):
             return stored
+        log.info("%s was computed for another evaluation set or decoding: evaluating again", path)
     result = evaluate(model_cfg, cfg)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))

@@ -65,6 +65,26 @@ def test_split_files_follow_the_prompt_contract(tmp_path):
     assert truth[0]["objects"] == sorted(scenes[0].objects)
 
 
+def test_a_cached_split_of_another_size_or_cut_short_is_written_anew(tmp_path):
+    from csr_plugin.toy.demo import write_split_once
+
+    folder = tmp_path / "eval"
+    write_split_once(world.make_split("eval", 6, 0), folder, seed=0)
+    write_split_once(world.make_split("eval", 9, 0), folder, seed=0)    # a larger eval size
+    assert len((folder / "truth.jsonl").read_text().splitlines()) == 9
+    assert len(list((folder / "images").iterdir())) == 9
+    write_split_once(world.make_split("eval", 4, 0), folder, seed=0)    # a smaller one: no stale images left
+    assert len(list((folder / "images").iterdir())) == 4
+    lines = (folder / "truth.jsonl").read_text().splitlines()
+    (folder / "truth.jsonl").write_text("\n".join(lines[:2]) + "\n")       # a write cut off after 2 scenes
+    (folder / "images" / "marker.txt").write_text("from the cut-off write")
+    write_split_once(world.make_split("eval", 4, 0), folder, seed=0)
+    assert len((folder / "truth.jsonl").read_text().splitlines()) == 4 and not (folder / "images" / "marker.txt").exists()
+    (folder / "images" / "marker.txt").write_text("kept: the split is whole")
+    write_split_once(world.make_split("eval", 4, 0), folder, seed=0)    # whole and of the right size: reused
+    assert (folder / "images" / "marker.txt").exists()
+
+
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"

@@ -32,10 +32,7 @@ def prepare_toy(root: str | Path, seed: int, size: str = "full") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     scenes = {split: world.make_split(split, sizes[split], seed) for split in ("sft", "csr", "eval", "clip")}
     for split in ("csr", "eval"):
-        # written whole again when its size changed or an earlier write was cut off
-        if _lines(folder / split / "truth.jsonl") != len(scenes[split]):
-            shutil.rmtree(folder / split, ignore_errors=True)
-            world.write_split(scenes[split], folder / split, seed)
+        write_split_once(scenes[split], folder / split, seed)
     world.vocabulary_json(folder / "objects.json")
     # a cache built by an older recipe of the toy CLIP is rebuilt, not silently reused
     clip_rebuilt = _stale(folder / "clip", "toy-clip.pt", CLIP_RECIPE)
@@ -47,6 +44,13 @@ def prepare_toy(root: str | Path, seed: int, size: str = "full") -> Path:
         train_vlm(scenes["sft"], folder / "vlm", sizes["vlm_steps"], seed, folder / "clip")
         (folder / "vlm" / "recipe.txt").write_text(vlm_recipe)
     return folder
+
+
+def write_split_once(scenes: list[world.Scene], folder: Path, seed: int) -> None:
+    """Written whole again when its size changed (another SIZES) or an earlier write was cut off."""
+    if _lines(folder / "truth.jsonl") != len(scenes):
+        shutil.rmtree(folder, ignore_errors=True)
+        world.write_split(scenes, folder, seed)
 
 
 def _lines(path: Path) -> int:

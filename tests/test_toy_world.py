@@ -79,7 +79,8 @@ def test_a_cached_split_of_another_size_or_cut_short_is_written_anew(tmp_path):
     (folder / "truth.jsonl").write_text("\n".join(lines[:2]) + "\n")       # a write cut off after 2 scenes
     (folder / "images" / "marker.txt").write_text("from the cut-off write")
     write_split_once(world.make_split("eval", 4, 0), folder, seed=0)
-    assert len((folder / "truth.jsonl").read_text().splitlines()) == 4 and not (folder / "images" / "marker.txt").exists()
+    assert len((folder / "truth.jsonl").read_text().splitlines()) == 4
+    assert not (folder / "images" / "marker.txt").exists()
     (folder / "images" / "marker.txt").write_text("kept: the split is whole")
     write_split_once(world.make_split("eval", 4, 0), folder, seed=0)    # whole and of the right size: reused
     assert (folder / "images" / "marker.txt").exists()

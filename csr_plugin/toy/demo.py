@@ -54,7 +54,10 @@ def write_split_once(scenes: list[world.Scene], folder: Path, seed: int) -> None
 
 
 def _lines(path: Path) -> int:
-    return sum(1 for _ in open(path)) if path.exists() else 0
+    if not path.exists():
+        return 0
+    with open(path) as f:
+        return sum(1 for _ in f)
 
 
 def _stale(folder: Path, weights: str, recipe: str) -> bool:

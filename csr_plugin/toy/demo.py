@@ -19,6 +19,8 @@ from csr_plugin.toy import world
 # are weaker but built in about a minute.
 # 500 eval answers: CHAIR_i then has a binomial standard error near 0.01 (150 gave 0.02, as large as
 # the differences between recipes); the models do not depend on it.
+# SFT scenes whose examples DPO mixes in (dpo.sft_data): 1,536 examples, more than three iterations use.
+SFT_MIX_SCENES = 512
 SIZES = {"full": {"sft": 4000, "csr": 256, "eval": 500, "clip": 4000, "clip_steps": 600, "vlm_steps": 1500},
          "quick": {"sft": 1500, "csr": 32, "eval": 40, "clip": 1500, "clip_steps": 150, "vlm_steps": 300}}
 
@@ -33,6 +35,7 @@ def prepare_toy(root: str | Path, seed: int, size: str = "full") -> Path:
     scenes = {split: world.make_split(split, sizes[split], seed) for split in ("sft", "csr", "eval", "clip")}
     for split in ("csr", "eval"):
         write_split_once(scenes[split], folder / split, seed)
+    write_sft_mix_once(scenes["sft"][:SFT_MIX_SCENES], folder / "sft", seed)
     world.vocabulary_json(folder / "objects.json")
     # a cache built by an older recipe of the toy CLIP is rebuilt, not silently reused
     clip_rebuilt = _stale(folder / "clip", "toy-clip.pt", CLIP_RECIPE)
@@ -51,6 +54,30 @@ def write_split_once(scenes: list[world.Scene], folder: Path, seed: int) -> None
     if _lines(folder / "truth.jsonl") != len(scenes):
         shutil.rmtree(folder, ignore_errors=True)
         world.write_split(scenes, folder, seed)
+
+
+def write_sft_mix_once(scenes: list[world.Scene], folder: Path, seed: int) -> Path:
+    """``dpo.sft_data`` of the toy recipe: the base model's own SFT examples (a caption and two yes/no
+    probes per scene) of the first SFT scenes, as training/sft_mix.py reads them."""
+    from csr_plugin.toy.train_models import sft_examples
+
+    path = folder / "sft.jsonl"
+    examples = sft_examples(scenes, seed)   # its rng runs scene by scene: the base model's first examples
+    if _lines(path) == len(examples):
+        return path
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "images").mkdir(parents=True)
+    for scene in scenes:
+        scene.draw().save(folder / "images" / f"{scene.id}.png")
+    partial = path.with_suffix(".jsonl.partial")
+    with open(partial, "w") as f:
+        for i, question, answer in examples:
+            f.write(json.dumps({
+                "images": [f"images/{scenes[i].id}.png"],
+                "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                "response": [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]}) + "\n")
+    partial.rename(path)   # whole or absent: a cut-off write is redone
+    return path
 
 
 def _lines(path: Path) -> int:

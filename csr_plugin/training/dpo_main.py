@@ -151,11 +151,19 @@ def train_dpo(recipe: Recipe, model_path: str, pairs: str, out_dir: str) -> None
         save_hf(strategy, policy, processor, cfg, model_path, hf_checkpoint_dir(out, global_step),
                 recipe.model.trust_remote_code)
 
+    sft = None
+    if cfg.sft_data:
+        from csr_plugin.training.sft_mix import SFTDataset, SFTStream
+
+        sft = SFTStream(SFTDataset(cfg.sft_data, processor, cfg.max_len), cfg.micro_batch, strategy.get_rank(),
+                        strategy.world_size, cfg.seed)
+        # a resumed run goes on where the consumed pairs left the SFT order, not from its start
+        sft.step = consumed // (cfg.micro_batch * strategy.world_size)
     trainer = MultimodalDPOTrainer(
         model=policy, ref_model=reference, strategy=strategy, tokenizer=processor, optim=optimizer,
         train_dataloader=loader, eval_dataloader=None, scheduler=scheduler, max_norm=cfg.max_norm, beta=cfg.beta,
         max_epochs=cfg.epochs, loss=cfg.loss, alpha=cfg.alpha, kl_chunk=cfg.kl_chunk, metrics_path=str(metrics_path),
-        hf_ckpt_steps=cfg.hf_ckpt_steps, save_hf_checkpoint=save_hf_checkpoint)
+        hf_ckpt_steps=cfg.hf_ckpt_steps, save_hf_checkpoint=save_hf_checkpoint, sft=sft)
     trainer.fit(args, consumed, steps_per_epoch)
     # fit's step counter runs on across epochs: its last optimizer step is this one
     save_last_ds_ckpt(strategy, policy, args, cfg, cfg.epochs * len(loader) // strategy.accumulated_gradient)

@@ -36,6 +36,9 @@ def free_port() -> int:
 def preflight(recipe: Recipe, loop: bool = False) -> None:
     """What would fail only once DPO starts, checked before anything runs (`csr run` samples for hours first)."""
     check_wandb_login(recipe.logging)
+    if recipe.dpo.sft_data and not Path(recipe.dpo.sft_data).is_file():
+        raise ConfigError(f"`dpo.sft_data`: no file at {recipe.dpo.sft_data}; give the SFT examples JSONL "
+                          f"(training/sft_mix.py shows the format) or remove the key to train without them.")
     if loop and not recipe.dpo.lora_merge:
         raise ConfigError("`dpo.lora_merge: false` leaves each iterate as a LoRA adapter, but `csr run` samples "
                           "with it and trains the next iteration from it as a whole model: set "

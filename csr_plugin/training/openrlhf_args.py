@@ -80,7 +80,7 @@ def _own_dpo_flags(cfg: DPOConfig, model_path: str, pairs: str, out_dir: str, gp
         "model.gradient_checkpointing_enable": cfg.gradient_checkpointing,
         "model.gradient_checkpointing_reentrant": False,
         "model.beta": cfg.beta, "model.ipo_enable": cfg.loss == "ipo", "model.label_smoothing": cfg.label_smoothing,
-        "model.aux_loss_coef": 0.0, "model.nll_loss_coef": cfg.nll_loss_coef,
+        "model.aux_loss_coef": 0.0, "model.nll_loss_coef": cfg.sft_coef if cfg.sft_data else cfg.nll_loss_coef,
         "optim": "adam", "adam.lr": cfg.lr, "adam.betas": (0.9, 0.95), "adam.eps": 1e-8,
         "adam.weight_decay": cfg.weight_decay, "lr_scheduler": cfg.lr_scheduler, "lr_warmup_ratio": cfg.warmup_ratio,
         "min_lr_ratio": 0.1, "max_norm": cfg.max_norm,

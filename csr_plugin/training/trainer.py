@@ -33,6 +33,7 @@ from openrlhf.trainer.dpo_trainer import DPOTrainer
 
 from csr_plugin.training.data import PromptInputs
 from csr_plugin.training.losses import sequence_kl, tdpo_loss
+from csr_plugin.training.sft_mix import SFTStream
 
 
 @dataclass
@@ -53,8 +54,10 @@ class JointForward:
 class MultimodalDPOTrainer(DPOTrainer):
     def __init__(self, *args, loss: str = "dpo", alpha: float = 0.5, kl_chunk: int = 256,
                  metrics_path: Optional[str] = None, hf_ckpt_steps: int = 0,
-                 save_hf_checkpoint: Optional[Callable[[int], None]] = None, **kwargs):
+                 save_hf_checkpoint: Optional[Callable[[int], None]] = None, sft: Optional[SFTStream] = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.sft = sft   # dpo.sft_data: its NLL is the loop's nll_loss term (sft_mix.py)
         self.loss_name = loss
         if loss.startswith("tdpo"):
             self.loss_fn = self._tdpo_loss
@@ -103,7 +106,20 @@ class MultimodalDPOTrainer(DPOTrainer):
         self._joint = joint = self.policy_and_reference_forward(chosen_ids, c_mask, reject_ids, r_mask, prompts)
         if model.training:
             self._margins.append(float((joint.chosen_logps - joint.rejected_logps).detach().mean()))
+            if self.sft is not None:
+                joint.nll_loss = self.sft_nll(model)
         return joint.chosen_logps, joint.rejected_logps, joint.aux_loss, joint.nll_loss
+
+    def sft_nll(self, model) -> torch.Tensor:
+        """Mean NLL per answer token of this micro-step's SFT micro-batch (the policy, with grad)."""
+        ids, mask, prompts = self.sft.next_batch()
+        device = next(model.parameters()).device
+        image_inputs = {key: value.to(device).to(self._dtype(model)) if value.is_floating_point() else value.to(device)
+                        for key, value in prompts.image_inputs.items()}
+        ids, mask = ids.to(device), mask.to(device)
+        log_probs = model(ids, attention_mask=mask, return_output=False, return_logprobs=True, **image_inputs)
+        _, logps_mean = self._get_batch_logps(log_probs, mask, prompts.lengths)
+        return -logps_mean.mean()
 
     def _single_forward(self, model, chosen_ids, c_mask, reject_ids, r_mask, prompts: PromptInputs):
         """One model alone: a reference asked for without (or before) its policy forward."""

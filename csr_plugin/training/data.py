@@ -56,6 +56,28 @@ def _text_of(messages: list[dict]) -> str:
     return "".join(parts)
 
 
+def json_object(raw: bytes) -> dict:
+    """One JSONL line as a dict, or a ValueError saying what is wrong with it."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not a valid JSON line ({exc})") from None
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    return record
+
+
+def right_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token sequences padded on the right to the longest."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(seq)] = 1
+    return ids, mask
+
+
 def _check_image(path: str) -> None:
     """Cheap start-up check (the file exists and is an image); decoding waits for the batch."""
     from PIL import Image, UnidentifiedImageError
@@ -133,12 +155,7 @@ class MultimodalPreferenceDataset(Dataset):
 
     def _check(self, raw: bytes) -> None:
         """What can be told without decoding the image: the JSON, the fields, the image file."""
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"not a valid JSON line ({exc})") from None
-        if not isinstance(record, dict):
-            raise ValueError("not a JSON object")
+        record = json_object(raw)
         for key in ("prompt", "chosen", "rejected"):
             if not isinstance(record.get(key), list):
                 raise ValueError(f"field {key!r} must be a list of messages")
@@ -260,18 +277,8 @@ class MultimodalPreferenceDataset(Dataset):
 
     def collate_fn(self, items: list[dict]):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-
-        def right_pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for i, seq in enumerate(seqs):
-                ids[i, :len(seq)] = torch.tensor(seq)
-                mask[i, :len(seq)] = 1
-            return ids, mask
-
-        chosen_ids, chosen_mask = right_pad([it["prompt_ids"] + it["chosen_ids"] for it in items])
-        rejected_ids, rejected_mask = right_pad([it["prompt_ids"] + it["rejected_ids"] for it in items])
+        chosen_ids, chosen_mask = right_pad([it["prompt_ids"] + it["chosen_ids"] for it in items], pad)
+        rejected_ids, rejected_mask = right_pad([it["prompt_ids"] + it["rejected_ids"] for it in items], pad)
         prompts = PromptInputs([len(it["prompt_ids"]) for it in items],
                                concat_image_inputs([it["image_inputs"] for it in items]))
         return chosen_ids, chosen_mask, rejected_ids, rejected_mask, prompts

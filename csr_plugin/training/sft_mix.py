@@ -17,13 +17,11 @@ resumed run sees the same examples it would have seen without the interruption.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 
-import torch
-
-from csr_plugin.training.data import MultimodalPreferenceDataset, PromptInputs, _check_image, _text_of
+from csr_plugin.training.data import (MultimodalPreferenceDataset, PromptInputs, _check_image, _text_of, json_object,
+                                      right_pad)
 
 
 class SFTDataset(MultimodalPreferenceDataset):
@@ -38,12 +36,7 @@ class SFTDataset(MultimodalPreferenceDataset):
         return os.path.join(self.folder, images[0]) if images else None
 
     def _check(self, raw: bytes) -> None:
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"not a valid JSON line ({exc})") from None
-        if not isinstance(record, dict):
-            raise ValueError("not a JSON object")
+        record = json_object(raw)
         for key in ("prompt", "response"):
             if not isinstance(record.get(key), list):
                 raise ValueError(f"field {key!r} must be a list of messages")
@@ -74,13 +67,7 @@ class SFTDataset(MultimodalPreferenceDataset):
         from csr_plugin.multimodal import concat_image_inputs
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        seqs = [it["prompt_ids"] + it["response_ids"] for it in items]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            ids[i, :len(seq)] = torch.tensor(seq)
-            mask[i, :len(seq)] = 1
+        ids, mask = right_pad([it["prompt_ids"] + it["response_ids"] for it in items], pad)
         return ids, mask, PromptInputs([len(it["prompt_ids"]) for it in items],
                                        concat_image_inputs([it["image_inputs"] for it in items]))
 

@@ -104,6 +104,9 @@ def test_quick_demo_runs_the_real_pipeline_and_reports_hallucination(quick_demo)
         assert all(0.0 <= row[k] <= 1.0 for k in ("chair_s", "chair_i", "pope_f1"))
     assert "CHAIR_i" in stdout and (out / "metrics.png").exists()
     assert (out / "iter_1" / "dpo" / "final" / ".complete").exists()
+    # the toy recipe mixes the base model's SFT examples into DPO: their NLL is logged per step
+    steps = [json.loads(line) for line in (out / "iter_1" / "dpo" / "dpo_metrics.jsonl").read_text().splitlines()]
+    assert steps and all(0.0 < step["nll_loss"] < 5.0 for step in steps)
     # the pair diagnostics, with the ground truth the toy world knows for the sampled prompts
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert 0.0 <= row["diag_informative_pairs"] <= 1.0 and row["diag_truth_coverage"] == 1.0

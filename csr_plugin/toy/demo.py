@@ -97,7 +97,8 @@ def toy_overrides(folder: Path, output: str, iterations: int, lambda_: float) ->
             f"clip.pretrained={folder / 'clip' / 'toy-clip.pt'}", f"data.prompts={folder / 'csr' / 'prompts.jsonl'}",
             f"data.truth={folder / 'csr' / 'truth.jsonl'}",
             f"eval.prompts={folder / 'eval' / 'prompts.jsonl'}", f"eval.truth={folder / 'eval' / 'truth.jsonl'}",
-            f"eval.vocabulary={folder / 'objects.json'}", f"output_dir={output}",
+            f"eval.vocabulary={folder / 'objects.json'}", f"dpo.sft_data={folder / 'sft' / 'sft.jsonl'}",
+            f"output_dir={output}",
             f"loop.iterations={iterations}", f"reward.lambda={lambda_}"]
 
 

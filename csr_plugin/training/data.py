@@ -275,10 +275,13 @@ class MultimodalPreferenceDataset(Dataset):
                                 "instead: %s", self.line_numbers[i], self.path, exc)
         raise ValueError(f"no pair of {self.path} is usable any more; first problem: {self.skipped[0]}")
 
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
     def collate_fn(self, items: list[dict]):
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        chosen_ids, chosen_mask = right_pad([it["prompt_ids"] + it["chosen_ids"] for it in items], pad)
-        rejected_ids, rejected_mask = right_pad([it["prompt_ids"] + it["rejected_ids"] for it in items], pad)
+        chosen_ids, chosen_mask = right_pad([it["prompt_ids"] + it["chosen_ids"] for it in items], self.pad_id)
+        rejected_ids, rejected_mask = right_pad([it["prompt_ids"] + it["rejected_ids"] for it in items], self.pad_id)
         prompts = PromptInputs([len(it["prompt_ids"]) for it in items],
                                concat_image_inputs([it["image_inputs"] for it in items]))
         return chosen_ids, chosen_mask, rejected_ids, rejected_mask, prompts

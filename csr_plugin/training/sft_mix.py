@@ -66,8 +66,7 @@ class SFTDataset(MultimodalPreferenceDataset):
         """(ids, attention mask, PromptInputs): right-padded prompt + answer rows."""
         from csr_plugin.multimodal import concat_image_inputs
 
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        ids, mask = right_pad([it["prompt_ids"] + it["response_ids"] for it in items], pad)
+        ids, mask = right_pad([it["prompt_ids"] + it["response_ids"] for it in items], self.pad_id)
         return ids, mask, PromptInputs([len(it["prompt_ids"]) for it in items],
                                        concat_image_inputs([it["image_inputs"] for it in items]))
 

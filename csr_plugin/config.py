@@ -224,13 +224,14 @@ class DPOConfig:
     nll_loss_coef: float = _help(
         "Weight of the chosen responses' negative log-likelihood (mean per token) added to the preference loss "
         "(OpenRLHF's --model.nll_loss_coef; RPO, Pang et al. 2024). It keeps the model producing what the chosen "
-        "responses say, so DPO cannot lower hallucination only by saying less. 0 = plain DPO.", default=0.0)
+        "responses say, so DPO cannot lower hallucination only by saying less. With sft_data both terms are "
+        "added. 0 = plain DPO.", default=0.0)
     sft_data: str = _help(
         "Supervised examples JSONL ({images, prompt, response}, training/sft_mix.py) mixed into DPO: each DPO "
         "micro-batch adds the policy's mean NLL per answer token on as many SFT examples, weighted by sft_coef. It "
         "keeps what the model answers about objects the pairs never contrast (recall, yes/no) while DPO removes "
         "hallucinations. Empty = off.", default="")
-    sft_coef: float = _help("Weight of the SFT NLL when sft_data is set (OpenRLHF's nll_loss_coef slot).",
+    sft_coef: float = _help("Weight of the SFT NLL when sft_data is set (added to nll_loss_coef x chosen NLL).",
                             default=1.0)
     zero_stage: int = _help("DeepSpeed ZeRO stage: 3 partitions parameters, 2 only optimizer state and "
                             "gradients.", default=3)
@@ -290,9 +291,6 @@ class DPOConfig:
             raise ConfigError(f"`{where}.beta` and `{where}.lr` must be > 0, got {self.beta} and {self.lr}.")
         if self.nll_loss_coef < 0:
             raise ConfigError(f"`{where}.nll_loss_coef` must be >= 0, got {self.nll_loss_coef}.")
-        if self.sft_data and self.nll_loss_coef > 0:
-            raise ConfigError(f"`{where}.sft_data` and `{where}.nll_loss_coef` both set the loss's NLL term (SFT "
-                              f"examples vs. chosen responses): keep one, set the other to ''/0.")
         if self.sft_data and self.sft_coef <= 0:
             raise ConfigError(f"`{where}.sft_coef` must be > 0 with `{where}.sft_data` set, got {self.sft_coef}; "
                               f"remove sft_data to train without SFT examples.")

@@ -1,4 +1,5 @@
-"""`dpo.sft_data`: supervised examples mixed into DPO, their NLL in OpenRLHF's nll_loss slot."""
+"""`dpo.sft_data`: supervised examples mixed into DPO, their NLL in OpenRLHF's nll_loss slot (with the chosen
+responses' NLL when `dpo.nll_loss_coef` is set too)."""
 import json
 import subprocess
 import sys
@@ -45,9 +46,7 @@ def _recipe(tiny_recipe_dict, **dpo) -> dict:
     return recipe
 
 
-def test_sft_data_refused_with_nll_loss_coef_and_checked_before_anything_runs(tiny_recipe_dict, data):
-    with pytest.raises(ConfigError, match="nll_loss_coef"):
-        recipe_from_dict(_recipe(tiny_recipe_dict, sft_data=str(data / "sft.jsonl"), nll_loss_coef=1.0))
+def test_sft_data_checked_before_anything_runs_and_its_weight_in_openrlhfs_slot(tiny_recipe_dict, data):
     with pytest.raises(ConfigError, match="sft_coef"):
         recipe_from_dict(_recipe(tiny_recipe_dict, sft_data=str(data / "sft.jsonl"), sft_coef=0.0))
     with pytest.raises(ConfigError, match=r"dpo.sft_data`: no file at .*missing.jsonl"):
@@ -55,6 +54,20 @@ def test_sft_data_refused_with_nll_loss_coef_and_checked_before_anything_runs(ti
     recipe = recipe_from_dict(_recipe(tiny_recipe_dict, sft_data=str(data / "sft.jsonl"), sft_coef=0.5))
     preflight(recipe)
     assert dpo_flags(recipe.dpo, "m", "p", "o")["model.nll_loss_coef"] == 0.5   # OpenRLHF's loop weighs it
+    both = recipe_from_dict(_recipe(tiny_recipe_dict, sft_data=str(data / "sft.jsonl"), sft_coef=0.5,
+                                    nll_loss_coef=2.0))
+    assert dpo_flags(both.dpo, "m", "p", "o")["model.nll_loss_coef"] == 1.0   # the trainer weighs both
+
+
+def test_sft_and_chosen_nll_weighted_together_only_when_both_are_on():
+    from csr_plugin.training.trainer import MultimodalDPOTrainer
+
+    trainer = MultimodalDPOTrainer.__new__(MultimodalDPOTrainer)   # mixed_nll reads its two weights only
+    chosen, sft = torch.tensor(0.8), torch.tensor(0.3)
+    trainer.sft_coef, trainer.chosen_nll_coef = 0.5, 2.0
+    assert trainer.mixed_nll(chosen, sft).item() == pytest.approx(0.5 * 0.3 + 2.0 * 0.8)
+    trainer.chosen_nll_coef = 0.0   # SFT alone: its NLL unweighted, OpenRLHF applies sft_coef
+    assert trainer.mixed_nll(chosen, sft).item() == pytest.approx(0.3)
 
 
 def test_sft_examples_read_with_relative_images_and_a_bad_line_skipped(tiny_recipe_dict, data):

@@ -45,6 +45,16 @@ DPO_RESERVED = {
 }
 
 
+def nll_slot_coef(cfg: DPOConfig) -> float:
+    """OpenRLHF's ``--model.nll_loss_coef``: the weight its loop puts on the NLL the trainer returns.
+
+    Chosen responses alone: ``nll_loss_coef``; SFT examples alone: ``sft_coef`` (the trainer returns their
+    NLL in that slot); both: 1, the trainer returning the weighted sum of the two (trainer.py)."""
+    if not cfg.sft_data:
+        return cfg.nll_loss_coef
+    return 1.0 if cfg.nll_loss_coef > 0 else cfg.sft_coef
+
+
 def dpo_flags(cfg: DPOConfig, model_path: str, pairs: str, out_dir: str, gpu: bool | None = None,
               logging: LoggingConfig | None = None) -> dict:
     """Our named keys' flags with `dpo.openrlhf` applied. ``gpu``: the machine the flags are for (None = this
@@ -80,7 +90,7 @@ def _own_dpo_flags(cfg: DPOConfig, model_path: str, pairs: str, out_dir: str, gp
         "model.gradient_checkpointing_enable": cfg.gradient_checkpointing,
         "model.gradient_checkpointing_reentrant": False,
         "model.beta": cfg.beta, "model.ipo_enable": cfg.loss == "ipo", "model.label_smoothing": cfg.label_smoothing,
-        "model.aux_loss_coef": 0.0, "model.nll_loss_coef": cfg.sft_coef if cfg.sft_data else cfg.nll_loss_coef,
+        "model.aux_loss_coef": 0.0, "model.nll_loss_coef": nll_slot_coef(cfg),
         "optim": "adam", "adam.lr": cfg.lr, "adam.betas": (0.9, 0.95), "adam.eps": 1e-8,
         "adam.weight_decay": cfg.weight_decay, "lr_scheduler": cfg.lr_scheduler, "lr_warmup_ratio": cfg.warmup_ratio,
         "min_lr_ratio": 0.1, "max_norm": cfg.max_norm,

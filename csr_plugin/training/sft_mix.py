@@ -5,7 +5,8 @@ it also drifts what it says about objects the pairs never contrast (recall, yes/
 A supervised micro-batch per DPO micro-batch keeps those answers in place: the loss becomes
 ``preference loss + dpo.sft_coef x mean NLL per answer token`` (the term OpenRLHF adds as
 ``--model.nll_loss_coef`` x nll, here computed on the SFT micro-batch instead of the chosen
-responses). docs/method.md says when it helps and what it costs.
+responses; with ``dpo.nll_loss_coef`` set too, both are added, trainer.mixed_nll). docs/method.md says
+when it helps and what it costs.
 
 The file is JSON Lines, one example a line::
 

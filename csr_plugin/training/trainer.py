@@ -55,9 +55,10 @@ class MultimodalDPOTrainer(DPOTrainer):
     def __init__(self, *args, loss: str = "dpo", alpha: float = 0.5, kl_chunk: int = 256,
                  metrics_path: Optional[str] = None, hf_ckpt_steps: int = 0,
                  save_hf_checkpoint: Optional[Callable[[int], None]] = None, sft: Optional[SFTStream] = None,
-                 **kwargs):
+                 sft_coef: float = 1.0, chosen_nll_coef: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.sft = sft   # dpo.sft_data: its NLL is the loop's nll_loss term (sft_mix.py)
+        self.sft_coef, self.chosen_nll_coef = sft_coef, chosen_nll_coef   # weights used when both NLLs are on
         self.loss_name = loss
         if loss.startswith("tdpo"):
             self.loss_fn = self._tdpo_loss
@@ -107,8 +108,15 @@ class MultimodalDPOTrainer(DPOTrainer):
         if model.training:
             self._margins.append(float((joint.chosen_logps - joint.rejected_logps).detach().mean()))
             if self.sft is not None:
-                joint.nll_loss = self.sft_nll(model)
+                joint.nll_loss = self.mixed_nll(joint.nll_loss, self.sft_nll(model))
         return joint.chosen_logps, joint.rejected_logps, joint.aux_loss, joint.nll_loss
+
+    def mixed_nll(self, chosen_nll: torch.Tensor, sft_nll: torch.Tensor) -> torch.Tensor:
+        """The NLL term with SFT examples: theirs alone (OpenRLHF weighs it by sft_coef), or, with
+        ``dpo.nll_loss_coef`` too, both weighted here (OpenRLHF's weight is then 1, openrlhf_args.nll_slot_coef)."""
+        if self.chosen_nll_coef > 0:
+            return self.sft_coef * sft_nll + self.chosen_nll_coef * chosen_nll
+        return sft_nll
 
     def sft_nll(self, model) -> torch.Tensor:
         """Mean NLL per answer token of this micro-step's SFT micro-batch (the policy, with grad)."""

@@ -189,6 +189,10 @@ class CurationConfig:
         "Also consider every response cut after one of its sentences (trained with EOS): stopping becomes a "
         "scored choice, so a chosen response can end before the sentence where every sampled continuation "
         "hallucinated. false = complete responses only (the paper).", default=False)
+    stop_with_eos: bool = _help(
+        "With stop_at_any_sentence: train a cut response with EOS (finish \"stop\": the pair also teaches "
+        "stopping there) or without it (finish \"cut\", like a length limit: the pair teaches what was said, "
+        "and ending is left to the model).", default=True)
     rejected: Literal["lowest", "lowest_same_length", "lowest_same_start"] = _help(
         "lowest: the lowest-scoring response (the paper); lowest_same_length: the lowest among those with the "
         "chosen one's sentence count (the nearest count if none), so DPO learns what to say, not how much; "

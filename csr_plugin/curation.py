@@ -19,6 +19,8 @@ from csr_plugin.config import CurationConfig
 from csr_plugin.jsonl import read_jsonl, write_jsonl_atomic
 from csr_plugin.sampling.search import path_score, record_path
 
+CUT_FINISHES = ("stop", "cut")   # responses ended by curation.stop_at_any_sentence, not by the search
+
 
 @dataclass
 class Response:
@@ -27,7 +29,7 @@ class Response:
     r_i: float      # mean image relevance of its sentences
     node_id: int
     token_ids: list[int]  # the sampled ids, EOS included when the model generated it in a kept node
-    finish: str           # eos | max_sentences | context | stop (ended by curation, trained with EOS)
+    finish: str           # eos | max_sentences | context | stop or cut (ended by curation, trained with / without EOS)
     sentences: int = 0
     first_node: int = -1  # the node of its first sentence
 
@@ -61,9 +63,10 @@ class PreferencePair:
 
 
 def complete_responses(tree: dict, length_normalize: bool, reward_baseline: str = "none",
-                       stop_at_any_sentence: bool = False) -> list[Response]:
+                       stop_at_any_sentence: bool = False, cut_finish: str = "stop") -> list[Response]:
     """Every complete response of a tree (trees.jsonl record) with its cumulative calibrated reward;
-    with ``stop_at_any_sentence`` also every response cut after one of its sentences (finish "stop")."""
+    with ``stop_at_any_sentence`` also every response cut after one of its sentences (finish
+    ``cut_finish``: "stop", trained with EOS, or "cut", trained without)."""
     nodes = {node["id"]: node for node in tree["nodes"]}
     baseline = 0.0
     if reward_baseline == "prompt_mean":
@@ -83,7 +86,7 @@ def complete_responses(tree: dict, length_normalize: bool, reward_baseline: str 
             r_i=sum(n["r_i"] for n in path) / len(path),
             node_id=node["id"],
             token_ids=[t for n in path for t in n["token_ids"]],
-            finish=node["finish"] if node["final"] else "stop",
+            finish=node["finish"] if node["final"] else cut_finish,
             sentences=len(path), first_node=path[0]["id"]))
     return responses
 
@@ -96,7 +99,8 @@ def curate_tree(tree: dict, cfg: CurationConfig) -> tuple[Optional[PreferencePai
 
 def curate_tree_pairs(tree: dict, cfg: CurationConfig) -> tuple[list[PreferencePair], str]:
     """The tree's best-worst pair, then its go-on pair when ``cfg.go_on_pairs``; ([], why) if none."""
-    responses = complete_responses(tree, cfg.length_normalize, cfg.reward_baseline, cfg.stop_at_any_sentence)
+    responses = complete_responses(tree, cfg.length_normalize, cfg.reward_baseline, cfg.stop_at_any_sentence,
+                                   "stop" if cfg.stop_with_eos else "cut")
     if len(responses) < 2:
         return [], "fewer than 2 complete responses"
     chosen = max(responses, key=lambda r: r.reward)
@@ -131,7 +135,7 @@ def _lowest_early_stop(responses: list[Response], chosen: Response) -> Optional[
     scores above the baseline: the pair teaches to go on while there is more to see. It is the
     counterpart of a best-worst pair whose chosen side stopped before a hallucination, which
     alone teaches stopping early whatever the image holds."""
-    prefixes = [r for r in responses if r.finish == "stop" and r.sentences < chosen.sentences
+    prefixes = [r for r in responses if r.finish in CUT_FINISHES and r.sentences < chosen.sentences
                 and chosen.token_ids[:len(r.token_ids)] == r.token_ids]
     return min(prefixes, key=lambda r: r.reward) if prefixes else None
 

@@ -118,7 +118,8 @@ def test_a_blank_eos_child_gets_the_end_of_turn_id(families, tmp_path):
 
 def test_a_response_curation_stopped_gets_the_end_of_turn_id(families, tmp_path):
     """With curation.stop_at_any_sentence a response may end after a sentence the model went on from:
-    it is trained as a decision to stop there (end of turn appended), unlike a limit cut."""
+    it is trained as a decision to stop there (end of turn appended), unlike a limit cut, unless
+    curation.stop_with_eos is false."""
     processor = load_processor(str(families["qwen2_vl"]))
     tokenizer = processor.tokenizer
     first = tokenizer(" There is a red circle.", add_special_tokens=False)["input_ids"]
@@ -138,6 +139,13 @@ def test_a_response_curation_stopped_gets_the_end_of_turn_id(families, tmp_path)
     item = MultimodalPreferenceDataset(str(tmp_path / "p.jsonl"), processor, 512)[0]
     assert item["chosen_ids"] == first + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     assert item["rejected_ids"] == second                    # max_sentences: no end of turn
+    # curation.stop_with_eos false: the cut is trained like a limit, what was said without a decision to stop
+    cfg.stop_with_eos = False
+    curate_file(tmp_path / "trees.jsonl", tmp_path / "cut.jsonl", cfg)
+    pair = json.loads((tmp_path / "cut.jsonl").read_text())
+    assert (pair["chosen_finish"], pair["chosen_token_ids"]) == ("cut", first)
+    item = MultimodalPreferenceDataset(str(tmp_path / "cut.jsonl"), processor, 512)[0]
+    assert item["chosen_ids"] == first and item["rejected_ids"] == second
 
 
 def test_dpo_log_probs_of_sampled_pairs_are_the_samplers(families, tmp_path):

@@ -32,8 +32,9 @@ from csr_plugin.multimodal import LLAVA_PROMPT, concat_image_inputs, encode_prom
 
 log = logging.getLogger(__name__)
 
-# Why a search ended a response without the model choosing to: trained without EOS.
-LIMIT_FINISHES = ("max_sentences", "context", "length")
+# Why a search ended a response without the model choosing to: trained without EOS. "cut": curation's
+# cut after a sentence with curation.stop_with_eos false.
+LIMIT_FINISHES = ("max_sentences", "context", "length", "cut")
 
 
 @dataclass(eq=False)   # compared by identity: the trainer matches a reference result to its batch

@@ -164,7 +164,7 @@ def train_dpo(recipe: Recipe, model_path: str, pairs: str, out_dir: str) -> None
         train_dataloader=loader, eval_dataloader=None, scheduler=scheduler, max_norm=cfg.max_norm, beta=cfg.beta,
         max_epochs=cfg.epochs, loss=cfg.loss, alpha=cfg.alpha, kl_chunk=cfg.kl_chunk, metrics_path=str(metrics_path),
         hf_ckpt_steps=cfg.hf_ckpt_steps, save_hf_checkpoint=save_hf_checkpoint, sft=sft,
-        sft_coef=cfg.sft_coef, chosen_nll_coef=cfg.nll_loss_coef if cfg.sft_data else 0.0)
+        sft_coef=cfg.sft_coef, chosen_nll_coef=cfg.nll_loss_coef)
     trainer.fit(args, consumed, steps_per_epoch)
     # fit's step counter runs on across epochs: its last optimizer step is this one
     save_last_ds_ckpt(strategy, policy, args, cfg, cfg.epochs * len(loader) // strategy.accumulated_gradient)

@@ -88,6 +88,17 @@ class RewardConfig:
                      default="")
     mrm_scale: float = _help("R_I = mrm_scale * (r(prefix + sentence) - r(prefix)); 1 keeps the gain in nats, "
                              "the unit of R_T.", default=1.0)
+    yes_no: Literal["off", "claim"] = _help(
+        "A yes/no answer to an object question: off (CLIP reads the answer itself, as the paper; 'Yes.' names "
+        "nothing) or claim (CLIP reads the claim: R_I(yes) = R_I(claim) - b, R_I(no) = b - R_I(claim), b the "
+        "image's mean R_I over claim_vocabulary's claims; reward/yes_no.py).", default="off")
+    claim_vocabulary: str = _help('Objects JSON ({"objects": {name: [forms]}}, as eval.vocabulary) whose claims '
+                                  "set the yardstick b; required with yes_no: claim.", default="")
+    claim_question: str = _help("Regex (case-insensitive) finding an object question in the prompt; its group "
+                                "'object' is the object asked about.",
+                                default=r"\bis there an? (?P<object>[a-z][a-z -]*?) in the (?:image|picture|photo)\?")
+    claim_template: str = _help("The claim CLIP reads for an object; {object} is replaced.",
+                                default="There is a {object}.")
 
     def validate(self, where: str) -> None:
         if not 0.0 <= self.lambda_ <= 1.0:
@@ -97,6 +108,27 @@ class RewardConfig:
                               "`csr train-rm` wrote, or set source: clip.")
         if not self.mrm_scale > 0:
             raise ConfigError(f"`{where}.mrm_scale` must be > 0, got {self.mrm_scale}.")
+        if self.yes_no == "claim":
+            self._validate_claim(where)
+
+    def _validate_claim(self, where: str) -> None:
+        import re
+
+        if self.source != "clip":
+            raise ConfigError(f"`{where}.yes_no: claim` reads claims with CLIP: set `{where}.source: clip` or "
+                              f"`{where}.yes_no: off`.")
+        if not self.claim_vocabulary:
+            raise ConfigError(f"`{where}.claim_vocabulary` is required with `{where}.yes_no: claim`: give an "
+                              'objects JSON ({"objects": {"cat": ["cats"]}}), e.g. the one eval.vocabulary uses.')
+        try:
+            question = re.compile(self.claim_question)
+        except re.error as e:
+            raise ConfigError(f"`{where}.claim_question` is not a valid regex: {e}.") from None
+        if "object" not in question.groupindex:
+            raise ConfigError(f"`{where}.claim_question` needs a group named 'object', e.g. "
+                              f"'is there an? (?P<object>[a-z ]+?) in the image', got {self.claim_question!r}.")
+        if "{object}" not in self.claim_template:
+            raise ConfigError(f"`{where}.claim_template` must contain {{object}}, got {self.claim_template!r}.")
 
 
 @dataclass

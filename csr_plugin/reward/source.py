@@ -174,9 +174,20 @@ def load_mrm_visual(recipe: Recipe) -> RewardModelVisual:
 
 
 def build_visual_scorer(recipe: Recipe):
-    """The visual term ``recipe.reward.source`` asks for: CLIP (``clip:``) or the reward model (``reward.mrm``)."""
+    """The visual term ``recipe.reward.source`` asks for: CLIP (``clip:``, its yes/no answers read as claims
+    with ``reward.yes_no: claim``) or the reward model (``reward.mrm``)."""
     if recipe.reward.source == "mrm":
         return load_mrm_visual(recipe)
     from csr_plugin.reward.clip_relevance import ClipRelevance
 
-    return ClipVisual(ClipRelevance(recipe.clip))
+    visual = ClipVisual(ClipRelevance(recipe.clip))
+    if recipe.reward.yes_no == "claim":
+        from csr_plugin.eval.objects import ObjectVocabulary
+        from csr_plugin.reward.yes_no import ClaimVisual
+
+        try:
+            vocabulary = ObjectVocabulary.from_json(recipe.reward.claim_vocabulary)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"reward.claim_vocabulary: {e}") from None
+        visual = ClaimVisual(visual, vocabulary.objects, recipe.reward.claim_question, recipe.reward.claim_template)
+    return visual

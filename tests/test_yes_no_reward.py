@@ -1,0 +1,112 @@
+"""reward.yes_no: claim — a yes/no answer to an object question is scored on the claim it makes,
+R_I(yes) = R_I(claim) - b and R_I(no) = b - R_I(claim), b the image's mean over the vocabulary's claims."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from PIL import Image
+
+from csr_plugin.config import ConfigError, RewardConfig, recipe_from_dict
+from csr_plugin.reward.source import SentenceInContext, build_visual_scorer, visual_scorer
+from csr_plugin.reward.yes_no import ClaimVisual
+from fakes import ScriptedEngine
+
+QUESTION = RewardConfig().claim_question
+TEMPLATE = RewardConfig().claim_template
+# what the scripted CLIP reads in each claim on image "a": the circle is there, the square is not
+CLAIMS = {"There is a circle.": 30.0, "There is a square.": 12.0, "There is a triangle.": 6.0}   # b = 16
+
+
+class TextClip:
+    """R_I by the text alone (CLAIMS, else 5), every text it was asked about recorded."""
+
+    def __init__(self):
+        self.texts = []
+
+    def score(self, items):
+        self.texts += [text for _, _, text in items]
+        return [CLAIMS.get(text, 5.0) for _, _, text in items]
+
+
+def _item(prompt, text, image="a"):
+    return SentenceInContext(image, None, text, prompt)
+
+
+def test_claims_are_scored_against_the_images_mean_and_other_sentences_as_before():
+    clip = TextClip()
+    scorer = ClaimVisual(visual_scorer(clip), ["circle", "square", "triangle"], QUESTION, TEMPLATE)
+    items = [_item("Is there a square in the image?", "Yes."),
+             _item("Is there a square in the image?", "No."),
+             _item("USER: <image>\nIs there a circle in the picture? ASSISTANT:", "yes, there is one."),
+             _item("Is there a circle in the image?", "No, there is no circle."),
+             _item("Describe the image.", "Yes."),                                 # no object question: plain
+             _item("Is there a square in the image?", "There is a red circle."),   # no yes/no answer: plain
+             _item("Is there a square in the image?", "Nobody knows.")]            # "no" must be a whole word
+    assert scorer.visual(items) == [12.0 - 16.0, 16.0 - 12.0, 30.0 - 16.0, 16.0 - 30.0, 5.0, 5.0, 5.0]
+    assert clip.texts.count("There is a triangle.") == 1   # the yardstick b: once per image
+    scorer.visual([_item("Is there a square in the image?", "Yes.", image="b")])
+    assert clip.texts.count("There is a triangle.") == 2   # a new image gets its own
+
+
+def test_search_on_a_yes_no_prompt_prefers_the_answer_the_image_supports():
+    """The model's log-probs alone would pick either answer; with the claim the search keeps "No." on top for
+    the absent square and "Yes." for the present circle, on the same scripted log-probs."""
+    from csr_plugin.config import CurationConfig, SearchConfig
+    from csr_plugin.sampling.search import PromptJob, SentenceBeamSearch
+
+    engine = ScriptedEngine(eos_at={1: {0, 1}}, texts={(1, 0): " Yes.", (1, 1): " No."})
+    scorer = ClaimVisual(visual_scorer(TextClip()), ["circle", "square", "triangle"], QUESTION, TEMPLATE)
+    search = SentenceBeamSearch(engine, scorer,
+                                SearchConfig(beam_width=1, candidates=2, keep_top=1, keep_bottom=0, max_sentences=1),
+                                RewardConfig(lambda_=0.9), CurationConfig())
+    jobs = [PromptJob(f"p{obj}", "a", f"Is there a {obj} in the image?", None,
+                      engine.encode_prompt(f"Is there a {obj} in the image?", None)) for obj in ("square", "circle")]
+    best = {}
+    for tree in search.run(jobs):
+        answers = {n.text.strip(): n for n in tree.nodes[1:]}
+        assert set(answers) == {"Yes.", "No."}
+        assert answers["Yes."].r_i == -answers["No."].r_i
+        best[tree.id] = max(answers, key=lambda a: answers[a].reward)
+    assert best == {"psquare": "No.", "pcircle": "Yes."}
+
+
+def _write_vocabulary(tmp_path):
+    path = tmp_path / "objects.json"
+    path.write_text(json.dumps({"objects": {"circle": ["circles"], "square": [], "triangle": []}}))
+    return path
+
+
+def test_recipe_builds_the_claim_scorer_on_the_real_clip(tiny_recipe_dict, tiny_clip, tmp_path):
+    recipe = copy.deepcopy(tiny_recipe_dict)
+    recipe["reward"] = {"yes_no": "claim", "claim_vocabulary": str(_write_vocabulary(tmp_path))}
+    scorer = build_visual_scorer(recipe_from_dict(recipe))
+    image = Image.new("RGB", (32, 32), "white")
+    claims = tiny_clip.score([("k", image, f"There is a {o}.") for o in ("circle", "square", "triangle")])
+    b = sum(claims) / 3
+    got = scorer.visual([SentenceInContext("k", image, "Yes.", "Is there a square in the image?"),
+                         SentenceInContext("k", image, "No.", "Is there a square in the image?"),
+                         SentenceInContext("k", image, "There is a square.", "Describe it.")])
+    assert got == pytest.approx([claims[1] - b, b - claims[1], claims[1]], abs=1e-4)
+
+
+@pytest.mark.parametrize("reward, message", [
+    ({"yes_no": "claim"}, "claim_vocabulary` is required"),
+    ({"yes_no": "claim", "claim_vocabulary": "v.json", "claim_question": "is there (a"}, "not a valid regex"),
+    ({"yes_no": "claim", "claim_vocabulary": "v.json", "claim_question": "is there a (\\w+)"}, "group named 'object'"),
+    ({"yes_no": "claim", "claim_vocabulary": "v.json", "claim_template": "There is one."}, "must contain {object}"),
+    ({"yes_no": "claim", "claim_vocabulary": "v.json", "source": "mrm", "mrm": "rm/final"}, "source: clip"),
+])
+def test_bad_claim_settings_name_the_key_and_the_fix(tiny_recipe_dict, reward, message):
+    recipe = copy.deepcopy(tiny_recipe_dict)
+    recipe["reward"] = reward
+    with pytest.raises(ConfigError, match=message):
+        recipe_from_dict(recipe)
+
+
+def test_a_missing_vocabulary_file_names_the_key(tiny_recipe_dict, tmp_path):
+    recipe = copy.deepcopy(tiny_recipe_dict)
+    recipe["reward"] = {"yes_no": "claim", "claim_vocabulary": str(tmp_path / "absent.json")}
+    with pytest.raises(ValueError, match="reward.claim_vocabulary: .*absent.json"):
+        build_visual_scorer(recipe_from_dict(recipe))

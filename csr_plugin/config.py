@@ -90,15 +90,16 @@ class RewardConfig:
                              "the unit of R_T.", default=1.0)
     yes_no: Literal["off", "claim"] = _help(
         "A yes/no answer to an object question: off (CLIP reads the answer itself, as the paper; 'Yes.' names "
-        "nothing) or claim (CLIP reads the claim: R_I(yes) = R_I(claim) - b, R_I(no) = b - R_I(claim), b the "
-        "image's mean R_I over claim_vocabulary's claims; reward/yes_no.py).", default="off")
+        "nothing) or claim (CLIP reads the claim: R_I(yes) = c(object) - b, R_I(no) = b - c(object), c the mean "
+        "R_I of claim_templates, b the image's mean c over claim_vocabulary; reward/yes_no.py).", default="off")
     claim_vocabulary: str = _help('Objects JSON ({"objects": {name: [forms]}}, as eval.vocabulary) whose claims '
                                   "set the yardstick b; required with yes_no: claim.", default="")
     claim_question: str = _help("Regex (case-insensitive) finding an object question in the prompt; its group "
                                 "'object' is the object asked about.",
                                 default=r"\bis there an? (?P<object>[a-z][a-z -]*?) in the (?:image|picture|photo)\?")
-    claim_template: str = _help("The claim CLIP reads for an object; {object} is replaced.",
-                                default="There is a {object}.")
+    claim_templates: list = _help(
+        "The claims CLIP reads for an object, {object} replaced; an object's score is their mean (a prompt "
+        "ensemble, as CLIP zero-shot classifiers use).", default_factory=lambda: ["There is a {object}."])
 
     def validate(self, where: str) -> None:
         if not 0.0 <= self.lambda_ <= 1.0:
@@ -127,8 +128,10 @@ class RewardConfig:
         if "object" not in question.groupindex:
             raise ConfigError(f"`{where}.claim_question` needs a group named 'object', e.g. "
                               f"'is there an? (?P<object>[a-z ]+?) in the image', got {self.claim_question!r}.")
-        if "{object}" not in self.claim_template:
-            raise ConfigError(f"`{where}.claim_template` must contain {{object}}, got {self.claim_template!r}.")
+        if not isinstance(self.claim_templates, list) or not self.claim_templates or \
+                not all(isinstance(t, str) and "{object}" in t for t in self.claim_templates):
+            raise ConfigError(f"`{where}.claim_templates` must be a non-empty list of strings each containing "
+                              f"{{object}}, e.g. ['a photo of a {{object}}.'], got {self.claim_templates!r}.")
 
 
 @dataclass

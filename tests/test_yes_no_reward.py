@@ -14,7 +14,7 @@ from csr_plugin.reward.yes_no import ClaimVisual
 from fakes import ScriptedEngine
 
 QUESTION = RewardConfig().claim_question
-TEMPLATE = RewardConfig().claim_template
+TEMPLATES = RewardConfig().claim_templates
 # what the scripted CLIP reads in each claim on image "a": the circle is there, the square is not
 CLAIMS = {"There is a circle.": 30.0, "There is a square.": 12.0, "There is a triangle.": 6.0}   # b = 16
 
@@ -36,7 +36,7 @@ def _item(prompt, text, image="a"):
 
 def test_claims_are_scored_against_the_images_mean_and_other_sentences_as_before():
     clip = TextClip()
-    scorer = ClaimVisual(visual_scorer(clip), ["circle", "square", "triangle"], QUESTION, TEMPLATE)
+    scorer = ClaimVisual(visual_scorer(clip), ["circle", "square", "triangle"], QUESTION, TEMPLATES)
     items = [_item("Is there a square in the image?", "Yes."),
              _item("Is there a square in the image?", "No."),
              _item("USER: <image>\nIs there a circle in the picture? ASSISTANT:", "yes, there is one."),
@@ -50,6 +50,18 @@ def test_claims_are_scored_against_the_images_mean_and_other_sentences_as_before
     assert clip.texts.count("There is a triangle.") == 2   # a new image gets its own
 
 
+def test_an_objects_claim_is_the_mean_over_the_templates_and_an_object_outside_the_vocabulary_is_scored_too():
+    clip = TextClip()
+    templates = ["There is a {object}.", "Look, a {object}!"]   # the second scores 5 for every object
+    scorer = ClaimVisual(visual_scorer(clip), ["circle", "square", "triangle"], QUESTION, templates)
+    b = ((30 + 5) / 2 + (12 + 5) / 2 + (6 + 5) / 2) / 3
+    got = scorer.visual([_item("Is there a square in the image?", "Yes."), _item("Is there a cat in the image?", "No.")])
+    assert got == pytest.approx([(12 + 5) / 2 - b, b - (5 + 5) / 2])
+    assert clip.texts.count("Look, a cat!") == 1 and clip.texts.count("Look, a square!") == 1
+    scorer.visual([_item("Is there a cat in the image?", "Yes.")] * 3)
+    assert clip.texts.count("Look, a cat!") == 1   # an image's claims are scored once, answers are lookups
+
+
 def test_search_on_a_yes_no_prompt_prefers_the_answer_the_image_supports():
     """The model's log-probs alone would pick either answer; with the claim the search keeps "No." on top for
     the absent square and "Yes." for the present circle, on the same scripted log-probs."""
@@ -57,7 +69,7 @@ def test_search_on_a_yes_no_prompt_prefers_the_answer_the_image_supports():
     from csr_plugin.sampling.search import PromptJob, SentenceBeamSearch
 
     engine = ScriptedEngine(eos_at={1: {0, 1}}, texts={(1, 0): " Yes.", (1, 1): " No."})
-    scorer = ClaimVisual(visual_scorer(TextClip()), ["circle", "square", "triangle"], QUESTION, TEMPLATE)
+    scorer = ClaimVisual(visual_scorer(TextClip()), ["circle", "square", "triangle"], QUESTION, TEMPLATES)
     search = SentenceBeamSearch(engine, scorer,
                                 SearchConfig(beam_width=1, candidates=2, keep_top=1, keep_bottom=0, max_sentences=1),
                                 RewardConfig(lambda_=0.9), CurationConfig())
@@ -95,7 +107,8 @@ def test_recipe_builds_the_claim_scorer_on_the_real_clip(tiny_recipe_dict, tiny_
     ({"yes_no": "claim"}, "claim_vocabulary` is required"),
     ({"yes_no": "claim", "claim_vocabulary": "v.json", "claim_question": "is there (a"}, "not a valid regex"),
     ({"yes_no": "claim", "claim_vocabulary": "v.json", "claim_question": "is there a (\\w+)"}, "group named 'object'"),
-    ({"yes_no": "claim", "claim_vocabulary": "v.json", "claim_template": "There is one."}, "must contain {object}"),
+    ({"yes_no": "claim", "claim_vocabulary": "v.json", "claim_templates": ["There is one."]}, "each containing"),
+    ({"yes_no": "claim", "claim_vocabulary": "v.json", "claim_templates": []}, "non-empty list"),
     ({"yes_no": "claim", "claim_vocabulary": "v.json", "source": "mrm", "mrm": "rm/final"}, "source: clip"),
 ])
 def test_bad_claim_settings_name_the_key_and_the_fix(tiny_recipe_dict, reward, message):

@@ -189,5 +189,5 @@ def build_visual_scorer(recipe: Recipe):
             vocabulary = ObjectVocabulary.from_json(recipe.reward.claim_vocabulary)
         except (OSError, ValueError) as e:
             raise ValueError(f"reward.claim_vocabulary: {e}") from None
-        visual = ClaimVisual(visual, vocabulary.objects, recipe.reward.claim_question, recipe.reward.claim_template)
+        visual = ClaimVisual(visual, vocabulary.objects, recipe.reward.claim_question, recipe.reward.claim_templates)
     return visual

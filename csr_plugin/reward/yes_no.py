@@ -6,19 +6,22 @@ own log-probability and the search can only confirm what the model already belie
 hallucination ("Is there a square?" -> "Yes." when there is none) is then out of CSR's reach.
 
 With ``claim``, an answer that starts with yes or no to a question matching ``reward.claim_question``
-(the object in its ``object`` group) is scored on the claim ``reward.claim_template`` renders:
+(the object in its ``object`` group) is scored on the claim that the object is in the image:
 
-    R_I(yes) = R_I(claim) - b,   R_I(no) = b - R_I(claim),
+    R_I(yes) = c(object) - b,   R_I(no) = b - c(object),
 
-b the mean R_I over the claims of every object in ``reward.claim_vocabulary`` for the same image:
-the image's own yardstick, so a claim CLIP finds more relevant than the image's average object is
-a yes. CLIP cannot read negation ("There is no square." scores like "There is a square."), which is
-why "no" is scored as the claim's complement rather than by its own words. Every other sentence is
-scored exactly as before.
+c(o) the mean R_I of ``reward.claim_templates`` filled with o (an ensemble, as CLIP's zero-shot
+classifiers use: a CLIP trained on full sentences can score a bare "There is a square." as
+nothing at all), b the mean of c over the objects of ``reward.claim_vocabulary`` for the same
+image: the image's own yardstick, so an object CLIP finds more relevant than the image's average
+object is a yes. CLIP cannot read negation ("There is no square." scores like "There is a
+square."), which is why "no" is scored as the claim's complement rather than by its own words.
+Every other sentence is scored exactly as before.
 """
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from dataclasses import replace
 from typing import Sequence
 
@@ -28,45 +31,51 @@ ANSWER = re.compile(r"^\s*(yes|no)\b", re.IGNORECASE)
 class ClaimVisual:
     """Wraps a visual scorer with ``visual(items)``; yes/no answers get the claim's relative relevance."""
 
-    def __init__(self, inner, vocabulary: Sequence[str], question: str, template: str):
+    def __init__(self, inner, vocabulary: Sequence[str], question: str, templates: Sequence[str],
+                 cache_images: int = 4096):
         self.inner = inner
         self.vocabulary = list(vocabulary)
         self.question = re.compile(question, re.IGNORECASE)
-        self.template = template
-        self.baselines: dict = {}   # image key -> b: the vocabulary's claims are scored once per image
+        self.templates = list(templates)
+        self.cache_images = cache_images
+        self.claims: OrderedDict = OrderedDict()   # image key -> {object: c(object)}; an answer is a lookup
 
     @property
     def needs_ids(self) -> bool:
         return getattr(self.inner, "needs_ids", False)
 
     def claim_of(self, item) -> tuple[str, bool] | None:
-        """(claim text, answered yes) when ``item`` answers an object question with yes or no; else None."""
+        """(object asked about, answered yes) when ``item`` answers an object question with yes or no; else None."""
         answer = ANSWER.match(item.text)
         asked = self.question.search(item.prompt or "")
         if answer is None or asked is None:
             return None
-        return self.template.format(object=asked.group("object").strip()), answer.group(1).lower() == "yes"
+        return asked.group("object").strip().lower(), answer.group(1).lower() == "yes"
 
     def visual(self, items: Sequence) -> list[float]:
         claims = [self.claim_of(item) for item in items]
         plain = [item for item, claim in zip(items, claims) if claim is None]
-        claimed = [replace(item, text=claim[0]) for item, claim in zip(items, claims) if claim is not None]
         plain_scores = iter(self.inner.visual(plain) if plain else [])
-        claim_scores = iter(self.inner.visual(claimed) if claimed else [])
         out = []
         for item, claim in zip(items, claims):
             if claim is None:
                 out.append(next(plain_scores))
                 continue
-            relative = next(claim_scores) - self.baseline(item)
+            scores = self.claim_scores(item, claim[0])
+            relative = scores[claim[0]] - sum(scores[o] for o in self.vocabulary) / len(self.vocabulary)
             out.append(relative if claim[1] else -relative)
         return out
 
-    def baseline(self, item) -> float:
-        if item.image_key not in self.baselines:
-            texts = [self.template.format(object=name) for name in self.vocabulary]
-            scores = self.inner.visual([replace(item, text=text) for text in texts])
-            if len(self.baselines) >= 8192:   # bounded like the CLIP's image cache
-                self.baselines.pop(next(iter(self.baselines)))
-            self.baselines[item.image_key] = sum(scores) / len(scores)
-        return self.baselines[item.image_key]
+    def claim_scores(self, item, asked: str) -> dict:
+        """c(o) for the vocabulary and ``asked`` on ``item``'s image, each scored once per image."""
+        scores = self.claims.setdefault(item.image_key, {})
+        self.claims.move_to_end(item.image_key)
+        missing = [o for o in dict.fromkeys(self.vocabulary + [asked]) if o not in scores]
+        if missing:
+            texts = [t.format(object=o) for o in missing for t in self.templates]
+            flat = self.inner.visual([replace(item, text=text) for text in texts])
+            n = len(self.templates)
+            scores.update({o: sum(flat[i * n:(i + 1) * n]) / n for i, o in enumerate(missing)})
+        while len(self.claims) > self.cache_images:
+            self.claims.popitem(last=False)
+        return scores

@@ -86,6 +86,24 @@ def test_a_cached_split_of_another_size_or_cut_short_is_written_anew(tmp_path):
     assert (folder / "images" / "marker.txt").exists()
 
 
+def test_csr_questions_ask_every_kind_of_every_scene_without_labels(tmp_path):
+    from csr_plugin.toy.demo import write_yes_no_prompts
+
+    scenes = world.make_split("csr", 5, 0)
+    world.write_split(scenes, tmp_path, seed=0)
+    write_yes_no_prompts(tmp_path)
+    prompts = [json.loads(line) for line in (tmp_path / "questions.jsonl").read_text().splitlines()]
+    truth = [json.loads(line) for line in (tmp_path / "questions_truth.jsonl").read_text().splitlines()]
+    per_scene = 1 + len(world.KINDS)
+    assert len(prompts) == len(truth) == 5 * per_scene
+    assert [p["id"] for p in prompts] == [t["id"] for t in truth] and len({p["id"] for p in prompts}) == len(prompts)
+    for i, scene in enumerate(scenes):
+        block = prompts[i * per_scene:(i + 1) * per_scene]
+        assert block[0]["question"] in world.DESCRIBE and {p["image"] for p in block} == {f"images/{scene.id}.png"}
+        assert [p["question"] for p in block[1:]] == [f"Is there a {k} in the image?" for k in world.KINDS]
+        assert all(t["objects"] == sorted(scene.objects) for t in truth[i * per_scene:(i + 1) * per_scene])
+
+
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"

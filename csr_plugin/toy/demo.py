@@ -35,6 +35,7 @@ def prepare_toy(root: str | Path, seed: int, size: str = "full") -> Path:
     scenes = {split: world.make_split(split, sizes[split], seed) for split in ("sft", "csr", "eval", "clip")}
     for split in ("csr", "eval"):
         write_split_once(scenes[split], folder / split, seed)
+    write_yes_no_prompts(folder / "csr")
     write_sft_mix_once(scenes["sft"][:SFT_MIX_SCENES], folder / "sft", seed)
     world.vocabulary_json(folder / "objects.json")
     # a cache built by an older recipe of the toy CLIP is rebuilt, not silently reused
@@ -54,6 +55,27 @@ def write_split_once(scenes: list[world.Scene], folder: Path, seed: int) -> None
     if _lines(folder / "truth.jsonl") != len(scenes):
         shutil.rmtree(folder, ignore_errors=True)
         world.write_split(scenes, folder, seed)
+
+
+def write_yes_no_prompts(folder: Path) -> Path:
+    """``data.prompts`` of the toy recipe: each CSR scene's description prompt, then "Is there a K in the
+    image?" for every kind K of the world, whatever the scene holds (no labels: the claim reward,
+    reward.yes_no, decides). ``questions_truth.jsonl`` repeats the scene's truth under each id, for the
+    pair diagnostics. Derived from prompts.jsonl, so rewritten every time (it is small)."""
+    prompts = [json.loads(line) for line in (folder / "prompts.jsonl").read_text().splitlines()]
+    truth = {t["id"]: t for t in map(json.loads, (folder / "truth.jsonl").read_text().splitlines())}
+    rows = []
+    for prompt in prompts:
+        rows.append((prompt, truth[prompt["id"]]))
+        for kind in world.KINDS:
+            asked = {"id": f"{prompt['id']}-{kind}", "image": prompt["image"],
+                     "question": f"Is there a {kind} in the image?"}
+            rows.append((asked, {**truth[prompt["id"]], "id": asked["id"]}))
+    for name, column in (("questions.jsonl", 0), ("questions_truth.jsonl", 1)):
+        partial = folder / f"{name}.partial"
+        partial.write_text("".join(json.dumps(row[column]) + "\n" for row in rows))
+        partial.rename(folder / name)   # whole or absent
+    return folder / "questions.jsonl"
 
 
 def write_sft_mix_once(scenes: list[world.Scene], folder: Path, seed: int) -> Path:
@@ -94,8 +116,8 @@ def _stale(folder: Path, weights: str, recipe: str) -> bool:
 
 def toy_overrides(folder: Path, output: str, iterations: int, lambda_: float) -> list[str]:
     return [f"model.path={folder / 'vlm'}", f"clip.config={folder / 'clip' / 'toy-clip.json'}",
-            f"clip.pretrained={folder / 'clip' / 'toy-clip.pt'}", f"data.prompts={folder / 'csr' / 'prompts.jsonl'}",
-            f"data.truth={folder / 'csr' / 'truth.jsonl'}",
+            f"clip.pretrained={folder / 'clip' / 'toy-clip.pt'}", f"data.prompts={folder / 'csr' / 'questions.jsonl'}",
+            f"data.truth={folder / 'csr' / 'questions_truth.jsonl'}", f"reward.claim_vocabulary={folder / 'objects.json'}",
             f"eval.prompts={folder / 'eval' / 'prompts.jsonl'}", f"eval.truth={folder / 'eval' / 'truth.jsonl'}",
             f"eval.vocabulary={folder / 'objects.json'}", f"dpo.sft_data={folder / 'sft' / 'sft.jsonl'}",
             f"output_dir={output}",

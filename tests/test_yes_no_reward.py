@@ -55,7 +55,8 @@ def test_an_objects_claim_is_the_mean_over_the_templates_and_an_object_outside_t
     templates = ["There is a {object}.", "Look, a {object}!"]   # the second scores 5 for every object
     scorer = ClaimVisual(visual_scorer(clip), ["circle", "square", "triangle"], QUESTION, templates)
     b = ((30 + 5) / 2 + (12 + 5) / 2 + (6 + 5) / 2) / 3
-    got = scorer.visual([_item("Is there a square in the image?", "Yes."), _item("Is there a cat in the image?", "No.")])
+    got = scorer.visual([_item("Is there a square in the image?", "Yes."),
+                         _item("Is there a cat in the image?", "No.")])
     assert got == pytest.approx([(12 + 5) / 2 - b, b - (5 + 5) / 2])
     assert clip.texts.count("Look, a cat!") == 1 and clip.texts.count("Look, a square!") == 1
     scorer.visual([_item("Is there a cat in the image?", "Yes.")] * 3)

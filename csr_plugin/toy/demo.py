@@ -21,6 +21,9 @@ from csr_plugin.toy import world
 # the differences between recipes); the models do not depend on it.
 # SFT scenes whose examples DPO mixes in (dpo.sft_data): 1,536 examples, more than three iterations use.
 SFT_MIX_SCENES = 512
+# the CSR prompt files csr demo writes per seed, and their truth: descriptions only (recipes/toy.yaml), or
+# with a yes/no question about every kind (recipes/toy-yes-no.yaml, write_yes_no_prompts)
+CSR_TRUTH = {"prompts.jsonl": "truth.jsonl", "questions.jsonl": "questions_truth.jsonl"}
 SIZES = {"full": {"sft": 4000, "csr": 256, "eval": 500, "clip": 4000, "clip_steps": 600, "vlm_steps": 1500},
          "quick": {"sft": 1500, "csr": 32, "eval": 40, "clip": 1500, "clip_steps": 150, "vlm_steps": 300}}
 
@@ -114,10 +117,15 @@ def _stale(folder: Path, weights: str, recipe: str) -> bool:
     return not (folder / weights).exists() or not marker.exists() or marker.read_text() != recipe
 
 
-def toy_overrides(folder: Path, output: str, iterations: int, lambda_: float) -> list[str]:
+def toy_overrides(folder: Path, output: str, iterations: int, lambda_: float,
+                  prompts: str = "prompts.jsonl") -> list[str]:
+    """The recipe's paths for this seed's folder; ``prompts``: which CSR prompt file (CSR_TRUTH)."""
+    if prompts not in CSR_TRUTH:
+        raise ValueError(f"a toy recipe's data.prompts must end in one of {', '.join(CSR_TRUTH)}, got {prompts!r}: "
+                         "csr demo writes those for each seed.")
     return [f"model.path={folder / 'vlm'}", f"clip.config={folder / 'clip' / 'toy-clip.json'}",
-            f"clip.pretrained={folder / 'clip' / 'toy-clip.pt'}", f"data.prompts={folder / 'csr' / 'questions.jsonl'}",
-            f"data.truth={folder / 'csr' / 'questions_truth.jsonl'}", f"reward.claim_vocabulary={folder / 'objects.json'}",
+            f"clip.pretrained={folder / 'clip' / 'toy-clip.pt'}", f"data.prompts={folder / 'csr' / prompts}",
+            f"data.truth={folder / 'csr' / CSR_TRUTH[prompts]}", f"reward.claim_vocabulary={folder / 'objects.json'}",
             f"eval.prompts={folder / 'eval' / 'prompts.jsonl'}", f"eval.truth={folder / 'eval' / 'truth.jsonl'}",
             f"eval.vocabulary={folder / 'objects.json'}", f"dpo.sft_data={folder / 'sft' / 'sft.jsonl'}",
             f"output_dir={output}",
@@ -143,6 +151,7 @@ def _print_row(row: dict) -> None:
 
 def run_demo(output: str, seed: int, iterations: int, lambda_: float, recipe: str = "recipes/toy.yaml",
              cache: str = ".cache/toy", extra: list[str] | None = None, size: str = "full") -> dict:
+    from csr_plugin.config import load_recipe
     from csr_plugin.pipeline import run
 
     started = time.monotonic()
@@ -150,7 +159,9 @@ def run_demo(output: str, seed: int, iterations: int, lambda_: float, recipe: st
     folder = prepare_toy(cache, seed, size)
     print(f"ready in {time.monotonic() - started:.0f}s; {iterations} CSR iterations with lambda={lambda_}",
           flush=True)
-    run(recipe, toy_overrides(folder, output, iterations, lambda_) + list(extra or []), on_iteration=_print_row)
+    prompts = Path(load_recipe(recipe).data.prompts).name   # which CSR prompt file this toy recipe samples
+    run(recipe, toy_overrides(folder, output, iterations, lambda_, prompts) + list(extra or []),
+        on_iteration=_print_row)
     results = json.loads((Path(output) / "results.json").read_text())
     base, last = results["iterations"][0], results["iterations"][-1]
     change = (last["chair_i"] - base["chair_i"]) / base["chair_i"] if base["chair_i"] else float("nan")

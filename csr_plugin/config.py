@@ -113,8 +113,6 @@ class RewardConfig:
             self._validate_claim(where)
 
     def _validate_claim(self, where: str) -> None:
-        import re
-
         if self.source != "clip":
             raise ConfigError(f"`{where}.yes_no: claim` reads claims with CLIP: set `{where}.source: clip` or "
                               f"`{where}.yes_no: off`.")

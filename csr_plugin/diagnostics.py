@@ -15,16 +15,24 @@ teach about hallucination: CHAIR_i of the chosen and of the rejected responses, 
 of clean chosen responses, the share of *informative* pairs (chosen clean, rejected
 hallucinating), the share of expansions that had at least one *clean* candidate (a sentence
 naming objects, all of them present), and mean R_I of grounded vs hallucinated sentences.
+
+A tree whose prompt asks about one object (``yes_no_question``, a regex with an ``object`` group,
+as ``reward.claim_question``) is judged on the answer instead: a candidate starting with yes or no
+is *right* when it agrees with the truth, so for those pairs "clean" means right and an
+informative pair is a right chosen answer over a wrong rejected one. "Yes." names no object, and
+without this every yes/no pair would read as clean-vs-clean, not informative, whatever it taught.
 """
 from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Optional
 
 from csr_plugin.eval.objects import ObjectVocabulary
 from csr_plugin.jsonl import load_records
+from csr_plugin.reward.yes_no import ANSWER
 from csr_plugin.sampling.search import record_path
 
 log = logging.getLogger(__name__)
@@ -54,8 +62,21 @@ def _responses(tree: dict) -> dict[tuple, tuple[float, int]]:
     return out
 
 
+def _asked(tree: dict, question: re.Pattern | None, vocab: ObjectVocabulary | None) -> str | None:
+    """The canonical object a yes/no question asks about, or None for any other prompt."""
+    found = question.search(tree.get("prompt") or "") if question is not None and vocab is not None else None
+    named = vocab.mentions(found.group("object")) if found else []
+    return named[0] if len(named) == 1 else None
+
+
+def _answer_right(text: str, asked: str, objects: set) -> bool | None:
+    """A yes/no answer's agreement with the truth; None when ``text`` is not a yes/no answer."""
+    answer = ANSWER.match(text)
+    return None if answer is None else (answer.group(1).lower() == "yes") == (asked in objects)
+
+
 def pair_diagnostics(trees_path: str | Path, pairs_path: str | Path, truth_path: str = "",
-                     vocabulary_path: str = "") -> dict:
+                     vocabulary_path: str = "", yes_no_question: str = "") -> dict:
     """Diagnostics of one iteration; ground-truth ones only when both files are given and cover the ids."""
     trees = {t["id"]: t for t in load_records(trees_path)}
     pairs = load_records(pairs_path)
@@ -71,9 +92,12 @@ def pair_diagnostics(trees_path: str | Path, pairs_path: str | Path, truth_path:
         else:
             truth = {str(r["id"]): set(r["objects"]) for r in load_records(truth_path) if "objects" in r}
             vocab = ObjectVocabulary.from_json(vocabulary_path)
+    question = re.compile(yes_no_question, re.IGNORECASE) if yes_no_question and truth else None
+    asked = {str(t["id"]): _asked(t, question, vocab) for t in trees.values()}
 
     r_i_spread, r_t_spread, disagree = [], [], []
     clean_expansion, grounded_r_i, hallucinated_r_i, no_object_r_i = [], [], [], []
+    yes_no_right_r_i, yes_no_wrong_r_i = [], []
     for tree in trees.values():
         objects = truth.get(str(tree["id"]))
         siblings: dict[int, list[dict]] = {}
@@ -82,7 +106,13 @@ def pair_diagnostics(trees_path: str | Path, pairs_path: str | Path, truth_path:
             if node["parent"] is None:
                 continue
             siblings.setdefault(node["parent"], []).append(node)
-            if objects is not None:
+            right = (_answer_right(node["text"], asked[str(tree["id"])], objects)
+                     if objects is not None and asked[str(tree["id"])] else None)
+            if right is not None:   # a yes/no answer: right or wrong, not grounded or hallucinated
+                if right:
+                    grounded.add(node["id"])
+                (yes_no_right_r_i if right else yes_no_wrong_r_i).append(node["r_i"])
+            elif objects is not None:
                 mentioned = set(vocab.mentions(node["text"]))
                 if mentioned and mentioned <= objects:
                     grounded.add(node["id"])
@@ -129,21 +159,35 @@ def pair_diagnostics(trees_path: str | Path, pairs_path: str | Path, truth_path:
         verdicts = {}
         for side, rows in sides.items():
             mentions = hallucinated = 0
-            clean = []
+            clean, answers = [], []
             for i in known:
+                pid = str(pairs[i]["id"])
+                right = _answer_right(rows[i]["text"], asked[pid], truth[pid]) if asked.get(pid) else None
+                if right is not None:
+                    answers.append(right)
+                    clean.append(right)
+                    continue
                 mentioned = vocab.mentions(rows[i]["text"])
-                wrong = [m for m in mentioned if m not in truth[str(pairs[i]["id"])]]
+                wrong = [m for m in mentioned if m not in truth[pid]]
                 mentions, hallucinated = mentions + len(mentioned), hallucinated + len(wrong)
                 clean.append(not wrong)
             verdicts[side] = clean
             out[f"diag_{side}_chair_i"] = hallucinated / mentions if mentions else 0.0
             out[f"diag_{side}_clean"] = _mean(map(float, clean))
+            if answers:   # share of this side's yes/no answers that agree with the truth
+                out[f"diag_yes_no_{side}_right"] = _mean(map(float, answers))
+        judged = sum(1 for i in known if asked.get(str(pairs[i]["id"])))
+        if judged:
+            out["diag_yes_no_pairs"] = judged / len(known)
         out["diag_informative_pairs"] = _mean(
             float(c and not r) for c, r in zip(verdicts["chosen"], verdicts["rejected"]))
         out["diag_clean_expansions"] = _mean(map(float, clean_expansion))
         out["diag_r_i_grounded"] = _mean(grounded_r_i)
         out["diag_r_i_hallucinated"] = _mean(hallucinated_r_i)
         out["diag_r_i_no_object"] = _mean(no_object_r_i)
+        if yes_no_right_r_i or yes_no_wrong_r_i:
+            out["diag_r_i_yes_no_right"] = _mean(yes_no_right_r_i)
+            out["diag_r_i_yes_no_wrong"] = _mean(yes_no_wrong_r_i)
         out["diag_truth_coverage"] = len(known) / len(pairs)
         if go_on:   # is what the go-on pairs' chosen side adds after the cut really there?
             out["diag_go_on_clean"] = _mean(float(not [m for m in vocab.mentions(p["chosen"][0]["content"][0]["text"])
@@ -164,5 +208,8 @@ def describe(diag: dict) -> str:
         line += (f"; CHAIR_i chosen/rejected {f('diag_chosen_chair_i')}/{f('diag_rejected_chair_i')}, "
                  f"informative pairs {f('diag_informative_pairs', '.0%')}, "
                  f"clean expansions {f('diag_clean_expansions', '.0%')}")
+    if "diag_yes_no_pairs" in diag:
+        line += (f"; yes/no pairs {f('diag_yes_no_pairs', '.0%')}, right chosen/rejected "
+                 f"{f('diag_yes_no_chosen_right', '.0%')}/{f('diag_yes_no_rejected_right', '.0%')}")
     return line
 

@@ -89,7 +89,8 @@ def _iteration_metrics(t: int, folder: Path, curation, recipe: Recipe) -> dict:
         "chosen_reward": mean("chosen_reward"), "rejected_reward": mean("rejected_reward"),
         "reward_margin": (mean("chosen_reward") - mean("rejected_reward")) if pairs else None,
         "chosen_r_i": mean("chosen_r_i"), "rejected_r_i": mean("rejected_r_i"),
-        **pair_diagnostics(folder / "trees.jsonl", folder / "pairs.jsonl", recipe.data.truth, recipe.eval.vocabulary),
+        **pair_diagnostics(folder / "trees.jsonl", folder / "pairs.jsonl", recipe.data.truth, recipe.eval.vocabulary,
+                           recipe.reward.claim_question),   # judged whatever reward.yes_no: a control run too
         **{f"dpo_{k}": v for k, v in metrics_summary(str(folder / "dpo" / "dpo_metrics.jsonl")).items()},
         **{f"seconds_{stage}": round(s, 2) for stage, s in times.items()},
     }

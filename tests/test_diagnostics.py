@@ -84,3 +84,55 @@ def test_go_on_pairs_are_counted_apart_from_the_best_worst_ones(files):
                          str(files / "vocab.json"))
     assert d["diag_informative_pairs"] == 1.0 and d["diag_rejected_chair_i"] == 1.0   # the go-on pair left out
     assert d["diag_go_on_pairs"] == 1.0 and d["diag_go_on_clean"] == 1.0   # one per best-worst pair, chosen clean
+
+
+QUESTION = r"\bis there an? (?P<object>[a-z][a-z -]*?) in the (?:image|picture|photo)\?"
+
+
+@pytest.fixture
+def with_a_question(files):
+    """Tree "a" as above, plus "q": "Is there a box in the image?" (a square, absent) answered yes or no."""
+    root = _node(0, None, "", [], [], 0.0, 0.0, final=False)
+    no = _node(1, 0, " No.", [7], [-0.5], -0.5, 12.0)
+    yes = _node(2, 0, " Yes.", [8], [-0.2], -0.2, -12.0)
+    tree = {"id": "q", "image": "x.png", "prompt": "Is there a box in the image?", "nodes": [root, no, yes]}
+    with open(files / "trees.jsonl", "a") as f:
+        f.write(json.dumps(tree) + "\n")
+    with open(files / "truth.jsonl", "a") as f:
+        f.write(json.dumps({"id": "q", "objects": ["circle"]}) + "\n")
+    return files, no, yes
+
+
+def _with_pair(files, chosen, rejected):
+    with open(files / "pairs.jsonl", "a") as f:
+        f.write(json.dumps(_pair("q", chosen, rejected)) + "\n")
+    return pair_diagnostics(files / "trees.jsonl", files / "pairs.jsonl", str(files / "truth.jsonl"),
+                            str(files / "vocab.json"), QUESTION)
+
+
+def test_a_yes_no_pair_is_judged_on_its_answer(with_a_question):
+    files, no, yes = with_a_question
+    d = _with_pair(files, no, yes)   # "No." to an absent square ("box" is one of its forms) is right
+    assert d["diag_yes_no_pairs"] == 0.5                  # of the two pairs, "a" and "q"
+    assert d["diag_yes_no_chosen_right"] == 1.0 and d["diag_yes_no_rejected_right"] == 0.0
+    assert d["diag_informative_pairs"] == 1.0             # both pairs: right over wrong
+    assert d["diag_chosen_clean"] == 1.0 and d["diag_rejected_clean"] == 0.0
+    assert d["diag_chosen_chair_i"] == 0.0 and d["diag_rejected_chair_i"] == 1.0   # "a"'s mentions only
+    assert (d["diag_r_i_yes_no_right"], d["diag_r_i_yes_no_wrong"]) == (12.0, -12.0)
+    assert d["diag_r_i_no_object"] == 10.0                # "Yes."/"No." are not counted as naming nothing
+    assert d["diag_clean_expansions"] == 1.0              # "q"'s expansion had the right answer
+    assert "yes/no pairs 50%, right chosen/rejected 100%/0%" in describe(d)
+
+
+def test_a_wrong_yes_no_choice_is_visible(with_a_question):
+    files, no, yes = with_a_question
+    d = _with_pair(files, yes, no)
+    assert d["diag_yes_no_chosen_right"] == 0.0 and d["diag_informative_pairs"] == 0.5
+
+
+def test_without_the_question_a_yes_no_pair_reads_as_not_informative(with_a_question):
+    files, no, yes = with_a_question
+    _with_pair(files, no, yes)
+    d = pair_diagnostics(files / "trees.jsonl", files / "pairs.jsonl", str(files / "truth.jsonl"),
+                         str(files / "vocab.json"))
+    assert "diag_yes_no_pairs" not in d and d["diag_informative_pairs"] == 0.5   # "No." vs "Yes.": both clean

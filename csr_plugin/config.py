@@ -592,6 +592,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return _coerce(value, args[0], where)
     if origin is Literal:
         allowed = typing.get_args(annotation)
+        if isinstance(value, bool):   # YAML 1.1 reads a bare off/on/no/yes as a bool: take the word back
+            value = next((word for word in (("on", "yes", "true") if value else ("off", "no", "false"))
+                          if word in allowed), value)
         if value not in allowed:
             raise ConfigError(f"`{where}` must be one of {', '.join(map(str, allowed))}; got {value!r}.")
         return value

@@ -92,3 +92,13 @@ def test_numbers_with_exponents_read_as_typed(tmp_path):
     assert load_recipe(recipe, ["dpo.beta=1E-1"]).dpo.beta == 0.1
     with pytest.raises(ConfigError, match="must be a number"):
         load_recipe(recipe, ["dpo.lr=3e-four"])
+
+
+def test_a_bare_off_reads_as_the_word_not_a_bool(tmp_path):
+    """PyYAML (YAML 1.1) reads a bare off as False; a choice whose word it is takes the word back."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  path: m\nreward:\n  yes_no: off\n")
+    assert load_recipe(recipe).reward.yes_no == "off"
+    assert load_recipe(recipe, ["reward.yes_no=off"]).reward.yes_no == "off"
+    with pytest.raises(ConfigError, match="must be one of off, claim; got True"):
+        load_recipe(recipe, ["reward.yes_no=on"])   # no "on" among the choices: still an error

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/toy_yes_no_pairs.py --seed 3 runs/s3/YN/seed3/iter_1/pairs.jsonl
 
-The pairs of `recipes/toy-yes-no.yaml` whose prompt id is ``<scene>-<kind>`` ask "Is there a <kind> in
+The pairs of `recipes/toy.yaml` whose prompt id is ``<scene>-<kind>`` ask "Is there a <kind> in
 the image?". Counted per kind of question: a present kind, the absent world partner of a present
 kind (the prior's hallucination), any other absent kind; the truth is the seed's CSR truth file.
 The rewards that chose the pairs saw no truth.
@@ -19,7 +19,7 @@ from csr_plugin.toy.world import KINDS, PAIRED
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("pairs", help="a pairs.jsonl of a run of recipes/toy-yes-no.yaml")
+    parser.add_argument("pairs", help="a pairs.jsonl of a run of recipes/toy.yaml")
     args = parser.parse_args()
     with open(f".cache/toy/seed{args.seed}/csr/truth.jsonl") as f:
         truth = {t["id"]: set(t["objects"]) for t in map(json.loads, f)}

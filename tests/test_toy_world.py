@@ -104,17 +104,17 @@ def test_csr_questions_ask_every_kind_of_every_scene_without_labels(tmp_path):
         assert all(t["objects"] == sorted(scene.objects) for t in truth[i * per_scene:(i + 1) * per_scene])
 
 
-def test_the_yes_no_toy_recipe_samples_the_questions_and_scores_claims_on_the_seeds_vocabulary(tmp_path):
+def test_the_toy_recipe_samples_the_questions_and_scores_claims_on_the_seeds_vocabulary(tmp_path):
     from csr_plugin.config import load_recipe
     from csr_plugin.toy.demo import toy_overrides
 
-    recipe = REPO / "recipes" / "toy-yes-no.yaml"
+    recipe = REPO / "recipes" / "toy.yaml"
     prompts = Path(load_recipe(recipe).data.prompts).name
     loaded = load_recipe(recipe, toy_overrides(tmp_path / "seed3", "out", 3, 0.9, prompts))
     assert loaded.data.prompts == str(tmp_path / "seed3" / "csr" / "questions.jsonl")
     assert loaded.data.truth == str(tmp_path / "seed3" / "csr" / "questions_truth.jsonl")
     assert (loaded.reward.yes_no, loaded.reward.claim_vocabulary) == ("claim", str(tmp_path / "seed3" / "objects.json"))
-    plain = load_recipe(REPO / "recipes" / "toy.yaml", toy_overrides(tmp_path / "seed3", "out", 3, 0.9))
+    plain = load_recipe(REPO / "recipes" / "toy-describe.yaml", toy_overrides(tmp_path / "seed3", "out", 3, 0.9))
     assert plain.data.prompts.endswith("csr/prompts.jsonl") and plain.reward.yes_no == "off"
     with pytest.raises(ValueError, match="must end in one of prompts.jsonl, questions.jsonl"):
         toy_overrides(tmp_path, "out", 3, 0.9, "mine.jsonl")
@@ -146,6 +146,8 @@ def test_quick_demo_runs_the_real_pipeline_and_reports_hallucination(quick_demo)
     assert 0.0 <= row["diag_informative_pairs"] <= 1.0 and row["diag_truth_coverage"] == 1.0
     assert row["diag_chosen_chair_i"] <= row["diag_rejected_chair_i"]
     assert "informative" in stdout
+    # the recipe asks yes/no questions too: their pairs are judged on the answer against the truth
+    assert 0.0 < row["diag_yes_no_pairs"] < 1.0 and 0.0 <= row["diag_yes_no_chosen_right"] <= 1.0
     # quiet by default: stage lines and the table on the terminal, the rest in <output>/logs/
     assert len(stdout.splitlines()) < 40, stdout
     assert (out / "logs" / "csr.log").exists() and (out / "logs" / "dpo_iter1.log").exists()

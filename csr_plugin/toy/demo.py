@@ -21,8 +21,8 @@ from csr_plugin.toy import world
 # the differences between recipes); the models do not depend on it.
 # SFT scenes whose examples DPO mixes in (dpo.sft_data): 1,536 examples, more than three iterations use.
 SFT_MIX_SCENES = 512
-# the CSR prompt files csr demo writes per seed, and their truth: descriptions only (recipes/toy.yaml), or
-# with a yes/no question about every kind (recipes/toy-yes-no.yaml, write_yes_no_prompts)
+# the CSR prompt files csr demo writes per seed, and their truth: descriptions only (recipes/toy-describe.yaml),
+# or with a yes/no question about every kind (recipes/toy.yaml, write_yes_no_prompts)
 CSR_TRUTH = {"prompts.jsonl": "truth.jsonl", "questions.jsonl": "questions_truth.jsonl"}
 SIZES = {"full": {"sft": 4000, "csr": 256, "eval": 500, "clip": 4000, "clip_steps": 600, "vlm_steps": 1500},
          "quick": {"sft": 1500, "csr": 32, "eval": 40, "clip": 1500, "clip_steps": 150, "vlm_steps": 300}}

@@ -64,7 +64,7 @@ def _responses(tree: dict) -> dict[tuple, tuple[float, int]]:
 
 def _asked(tree: dict, question: re.Pattern | None, vocab: ObjectVocabulary | None) -> str | None:
     """The canonical object a yes/no question asks about, or None for any other prompt."""
-    found = question.search(tree.get("prompt") or "") if question is not None and vocab is not None else None
+    found = question.search(tree.get("prompt") or "") if question is not None else None
     named = vocab.mentions(found.group("object")) if found else []
     return named[0] if len(named) == 1 else None
 
@@ -92,7 +92,7 @@ def pair_diagnostics(trees_path: str | Path, pairs_path: str | Path, truth_path:
         else:
             truth = {str(r["id"]): set(r["objects"]) for r in load_records(truth_path) if "objects" in r}
             vocab = ObjectVocabulary.from_json(vocabulary_path)
-    question = re.compile(yes_no_question, re.IGNORECASE) if yes_no_question and truth else None
+    question = re.compile(yes_no_question, re.IGNORECASE) if yes_no_question and truth else None   # truth: vocab too
     asked = {str(t["id"]): _asked(t, question, vocab) for t in trees.values()}
 
     r_i_spread, r_t_spread, disagree = [], [], []
@@ -100,14 +100,14 @@ def pair_diagnostics(trees_path: str | Path, pairs_path: str | Path, truth_path:
     yes_no_right_r_i, yes_no_wrong_r_i = [], []
     for tree in trees.values():
         objects = truth.get(str(tree["id"]))
+        asked_here = asked[str(tree["id"])] if objects is not None else None
         siblings: dict[int, list[dict]] = {}
         grounded: set[int] = set()   # ids of sentences naming objects, all of them present
         for node in tree["nodes"]:
             if node["parent"] is None:
                 continue
             siblings.setdefault(node["parent"], []).append(node)
-            right = (_answer_right(node["text"], asked[str(tree["id"])], objects)
-                     if objects is not None and asked[str(tree["id"])] else None)
+            right = _answer_right(node["text"], asked_here, objects) if asked_here else None
             if right is not None:   # a yes/no answer: right or wrong, not grounded or hallucinated
                 if right:
                     grounded.add(node["id"])

@@ -122,24 +122,57 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from csr_plugin.eval.evaluate import evaluate
+    from csr_plugin.eval.evaluate import evaluate, result_lines
 
     # --rm: PARGS decoding with this reward model, as the overrides would set it (validated with the rest)
     recipe = load_recipe(args.config, args.overrides + ([f"eval.rm={json.dumps(args.rm)}", "eval.decoding=pargs"]
                                                         if args.rm else []))
-    if not recipe.eval.prompts:
-        raise ConfigError("`eval.prompts`, `eval.truth` and `eval.vocabulary` are needed for `csr eval`.")
-    _route_logs(recipe.output_dir)
-    model = dataclasses.replace(recipe.model, path=args.model or recipe.model.path)
-    result = evaluate(model, recipe.eval)
-    print(f"CHAIR_s {result['chair_s']:.3f}  CHAIR_i {result['chair_i']:.3f}  object recall "
-          f"{result['object_recall']:.3f}  POPE F1 {result['pope_f1']:.3f} (random / popular / adversarial: "
-          + " / ".join(f"{result[f'pope_{s}']['f1']:.3f}" for s in ("random", "popular", "adversarial")) + ")")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    out = Path(args.out) if args.out else None
+    if args.responses:
+        from csr_plugin.eval.responses import parse_response_arg, score_responses
+
+        if args.model or args.rm:
+            raise ConfigError("--responses scores answers already written: drop --model / --rm, no model is loaded.")
+        try:
+            result = score_responses(recipe.eval, [parse_response_arg(r) for r in args.responses])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if result["skipped"]:
+            first = result["skipped"][0]
+            print(f"skipped {len(result['skipped'])} answers (listed under 'skipped' in --out), first: "
+                  f"{first.get('file', first.get('setting'))}:{first.get('line', first.get('question_id'))}: "
+                  f"{first['reason']}")
+    else:
+        if not recipe.eval.prompts:
+            raise ConfigError("`eval.prompts`, `eval.truth` and `eval.vocabulary` are needed for `csr eval`: "
+                              "`csr prepare coco` writes them for COCO (docs/evaluation.md); "
+                              "or score existing answers with --responses FILE.")
+        _route_logs(recipe.output_dir)
+        model = dataclasses.replace(recipe.model, path=args.model or recipe.model.path)
+        try:
+            result = evaluate(model, recipe.eval, answers_path=out.with_suffix(".answers.jsonl") if out else None)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    print("\n".join(result_lines(result)))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"result: {out}" + ("" if args.responses else f"; answers: {out.with_suffix('.answers.jsonl')}"))
     return 0
 
 
+def _cmd_prepare_coco(args: argparse.Namespace) -> int:
+    from csr_plugin.eval.coco import CocoError, eval_section, prepare_coco
+
+    try:
+        summary = prepare_coco(args.annotations, args.images, args.out, args.split, args.count, args.seed)
+    except CocoError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"{summary['chair_images']} CHAIR images, {summary['pope_images']} POPE images "
+          f"({', '.join(f'{n} {s}' for s, n in summary['pope_questions'].items())} questions) -> {args.out}")
+    print("the recipe's eval section (csr eval --config R.yaml, or csr run):")
+    print(eval_section(args.out))
+    return 0
 
 
 def _cmd_train_ppo(args: argparse.Namespace) -> int:
@@ -263,9 +296,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the full result as JSON here")
     p.add_argument("--rm", help="reward model (`csr train-rm` final/): decode with PARGS (eval.decoding=pargs, "
                                 "eval.rm=PATH; k, w in eval.pargs)")
+    p.add_argument("--responses", action="append", metavar="[SETTING=]FILE",
+                   help="score answers already written, no model loaded: JSONL captions {image_id|id, "
+                        "caption|response} and/or POPE answers {question_id, answer}; SETTING= (random, popular, "
+                        "adversarial) names a POPE answer file's setting. Repeatable.")
     _add_overrides(p)
     _quiet_by_default(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("prepare", help="`csr prepare coco`: COCO's CHAIR prompts, truth, objects and POPE files",
+                       description="Builds an evaluation set for `csr eval` from a dataset download.")
+    prepare_sub = p.add_subparsers(dest="prepare_command", metavar="DATASET", required=True)
+    q = prepare_sub.add_parser("coco", help="from COCO's instances_<split>.json and captions_<split>.json",
+                               description="Writes prompts.jsonl (description prompts), truth.jsonl (CHAIR's "
+                                           "ground truth: instances + caption mentions), objects.json (CHAIR's "
+                                           "80 objects, synonyms and word rules) and pope_{random,popular,"
+                                           "adversarial}.jsonl (built as POPE builds them) under --out.")
+    q.add_argument("--annotations", required=True, metavar="DIR", help="COCO's annotations/ folder")
+    q.add_argument("--images", required=True, metavar="DIR", help="the split's image folder, e.g. coco/val2014")
+    q.add_argument("--out", required=True, metavar="DIR", help="where the evaluation files go")
+    q.add_argument("--split", default="val2014", help="COCO split (default: val2014, the paper's)")
+    q.add_argument("--count", type=int, default=500, help="images for CHAIR and for POPE (default: 500)")
+    q.add_argument("--seed", type=int, default=0, help="sampling seed of the images and POPE's negatives")
+    q.set_defaults(func=_cmd_prepare_coco)
 
     p = sub.add_parser("serve-reward", help="HTTP server for OpenRLHF's --reward.remote_url: calibrated rewards",
                        description="POST /get_reward {query, prompts, labels} -> {rewards, scores}; the image "

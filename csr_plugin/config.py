@@ -528,6 +528,25 @@ class PargsConfig:
 
 
 @dataclass
+class PopeFilesConfig:
+    """POPE's own question files (JSONL of {question_id, image, text, label}), one per setting, in place of
+    questions built from eval.truth; `csr prepare coco` writes them. All three or none."""
+    random: str = _help("POPE random-setting questions, e.g. coco_pope_random.json.", default="")
+    popular: str = _help("POPE popular-setting questions.", default="")
+    adversarial: str = _help("POPE adversarial-setting questions.", default="")
+
+    def files(self) -> dict[str, str]:
+        return {s: getattr(self, s) for s in ("random", "popular", "adversarial") if getattr(self, s)}
+
+    def validate(self, where: str) -> None:
+        given = self.files()
+        if given and len(given) < 3:
+            missing = [s for s in ("random", "popular", "adversarial") if s not in given]
+            raise ConfigError(f"`{where}` sets {', '.join(given)} but not {', '.join(missing)}: give all three "
+                              "POPE files (`csr prepare coco` writes them) or none.")
+
+
+@dataclass
 class EvalConfig:
     prompts: str = _help("Evaluation prompts JSONL ({id, image, question}); empty = no evaluation.", default="")
     truth: str = _help("Ground truth JSONL: {id, objects: [canonical object names]}.", default="")
@@ -543,6 +562,9 @@ class EvalConfig:
     rm: str = _help("Reward model folder (`csr train-rm` final/, rm.partial: true) for decoding: pargs; "
                     "`csr eval --rm` overrides.", default="")
     pargs: PargsConfig = field(default_factory=PargsConfig)
+    pope_questions: PopeFilesConfig = field(default_factory=PopeFilesConfig)
+    pope_images: str = _help("Folder a relative `image` of the POPE files resolves against (e.g. COCO's "
+                             "val2014/ for POPE's published files); empty = the POPE file's own folder.", default="")
 
     def validate(self, where: str) -> None:
         if self.decoding == "pargs" and not self.rm:

@@ -102,9 +102,11 @@ def test_chair_on_four_hand_worked_responses():
 
 def test_per_response_lists_mentions_hallucinations_and_coverage():
     assert per_response(RESPONSES[1], TRUTHS[1], VOCAB) == {
-        "mentioned": ["circle", "dog"], "hallucinated": ["dog"], "covered": ["circle"]}
+        "mentioned": ["circle", "dog"], "hallucinated": ["dog"], "hallucinated_words": [["dog", "dog"]],
+        "covered": ["circle"]}
     assert per_response(RESPONSES[3], TRUTHS[3], VOCAB) == {
-        "mentioned": ["circle", "circle"], "hallucinated": ["circle", "circle"], "covered": []}
+        "mentioned": ["circle", "circle"], "hallucinated": ["circle", "circle"],
+        "hallucinated_words": [["disc", "circle"], ["disc", "circle"]], "covered": []}
     assert per_response("a square, a circle, a circle", ["circle", "square"], VOCAB)["covered"] == [
         "square", "circle"]
 

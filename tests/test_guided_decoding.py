@@ -302,7 +302,7 @@ def test_a_stored_evaluation_is_reused_only_for_the_same_decoding_and_evaluation
     from csr_plugin.eval import evaluate as evaluation
 
     calls = []
-    monkeypatch.setattr(evaluation, "evaluate", lambda model_cfg, cfg: calls.append(cfg.decoding) or
+    monkeypatch.setattr(evaluation, "evaluate", lambda model_cfg, cfg, **_: calls.append(cfg.decoding) or
                         {"chair_i": 0.1, "decoding": evaluation.decoding_spec(cfg),
                          "eval_set": evaluation.eval_set_spec(cfg)})
     for name in ("p", "t", "v"):

@@ -12,13 +12,16 @@ from csr_plugin.eval.objects import ObjectVocabulary
 
 
 def per_response(response: str, truth: Iterable[str], vocab: ObjectVocabulary) -> dict:
-    """One response's mentions (in order, repeats kept), the hallucinated ones, and
-    the distinct truth objects it covered (in order of first mention)."""
+    """One response's mentions (in order, repeats kept), the hallucinated ones (also as the
+    [word read, object] pairs the CHAIR script reports), and the distinct truth objects it
+    covered (in order of first mention)."""
     truth = _truth_set(truth)
-    mentioned = vocab.mentions(response)
+    words = vocab.mention_words(response)
+    mentioned = [obj for _, obj in words]
     return {
         "mentioned": mentioned,
         "hallucinated": [obj for obj in mentioned if obj not in truth],
+        "hallucinated_words": [[word, obj] for word, obj in words if obj not in truth],
         "covered": [obj for obj in dict.fromkeys(mentioned) if obj in truth],
     }
 

@@ -128,3 +128,67 @@ def pope_metrics(predictions: Sequence[str | None], labels: Sequence[str]) -> di
         "n": n,
         "unparsed": sum(pred is None for pred in predictions),
     }
+
+
+# ----------------------------------------------------------------------------- POPE's own files
+
+def pope_question_text(obj: str) -> str:
+    """POPE's template, with "an" before a vowel as its builder writes (its files also carry the
+    builder's typo "imange" there; we do not copy it)."""
+    return f"Is there {'an' if obj[:1] in 'aeiou' else 'a'} {obj} in the image?"
+
+
+def build_pope_files(images: Sequence[tuple[str, Sequence[str]]], per_image: int, seed: int) -> dict[str, list[dict]]:
+    """POPE's question files ({question_id, image, text, label}) the way POPE's builder makes them.
+
+    ``images``: (image, its annotated objects in annotation order), every one with at least
+    ``per_image`` objects (POPE keeps only such images). Per image, the first ``per_image``
+    objects are asked ("yes"), each followed by one negative ("no"): random picks among the
+    objects of the whole set, popular takes the most frequent in the set, adversarial the one
+    most often seen with that positive; when none is left, a random one. Counts and ties follow
+    POPE's order (first seen first).
+    """
+    frequency: Counter[str] = Counter()
+    cooccur: dict[str, Counter[str]] = {}
+    for _, objects in images:
+        if len(objects) < per_image:
+            raise ValueError(f"POPE asks {per_image} present objects per image; an image with "
+                             f"{len(objects)} was given.")
+        frequency.update(objects)
+        for a in objects:
+            cooccur.setdefault(a, Counter()).update(b for b in objects if b != a)
+    pool = list(frequency)
+    popular = [obj for obj, _ in frequency.most_common()]
+    files = {}
+    for setting in SETTINGS:
+        rng = random.Random(f"pope/{seed}/{setting}")
+        records: list[dict] = []
+        for image, objects in images:
+            asked: list[str] = []
+            for positive in objects[:per_image]:
+                asked.append(positive)
+                records.append({"question_id": len(records) + 1, "image": image,
+                                "text": pope_question_text(positive), "label": "yes"})
+                ranked = {"random": [], "popular": popular,
+                          "adversarial": [obj for obj, _ in cooccur[positive].most_common()]}[setting]
+                negative = next((obj for obj in ranked if obj not in asked and obj not in objects), None)
+                free = [obj for obj in pool if obj not in asked and obj not in objects]
+                if negative is None and free:
+                    negative = rng.choice(free)
+                if negative is None:
+                    raise ValueError(f"no object left to ask as absent for {image}: the set has "
+                                     f"{len(pool)} objects; POPE needs more images.")
+                asked.append(negative)
+                records.append({"question_id": len(records) + 1, "image": image,
+                                "text": pope_question_text(negative), "label": "no"})
+        files[setting] = records
+    return files
+
+
+def pope_answer(text: str) -> str:
+    """POPE's own reading of an answer (its evaluate.py): the first sentence, commas removed,
+    is "no" when it holds the word "No", "no" or "not", and "yes" otherwise, so an empty
+    or off-topic answer counts as "yes"."""
+    first = text.split(".")[0] if "." in text else text
+    words = first.replace(",", "").split(" ")
+    return "no" if {"No", "no", "not"} & set(words) else "yes"

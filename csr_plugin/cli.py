@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from csr_plugin.config import ConfigError, load_recipe
+from csr_plugin.doctor import GpuUnusable, preflight
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -22,6 +23,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config, args.overrides + ([f"search.rm={json.dumps(args.rm)}", "search.decoding=pargs"]
                                                         if args.rm else []))
     _route_logs(recipe.output_dir)
+    preflight("sample")
     if args.ray:
         from csr_plugin.sampling.ray_driver import sample_on_ray
 
@@ -59,6 +61,7 @@ def _cmd_train_dpo(args: argparse.Namespace) -> int:
     from csr_plugin.run_logs import subprocess_log
 
     _route_logs(recipe.output_dir)
+    preflight("train-dpo")
     log_file = subprocess_log(recipe.output_dir, "dpo")   # None with --verbose: the ranks print here
     if log_file is not None:
         print(f"DPO of {recipe.model.path} on {recipe.dpo.pairs} ...  ranks' log: {log_file}", flush=True)
@@ -80,6 +83,7 @@ def _cmd_train_rm(args: argparse.Namespace) -> int:
     if not Path(pairs).is_file():
         raise FileNotFoundError(f"reward model pairs {pairs!r} not found; set rm.pairs or --pairs to a pairs JSONL.")
     _route_logs(out)
+    preflight("train-rm")
     log_file = subprocess_log(out, "rm")   # None with --verbose: the ranks print here
     if log_file is not None:
         print(f"reward model on {recipe.model.path}, pairs {pairs} ...  ranks' log: {log_file}", flush=True)
@@ -93,6 +97,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from csr_plugin.pipeline import run, summary_table
 
     _route_logs(load_recipe(args.config, args.overrides).output_dir)
+    preflight("run")   # before sampling, not hours later when DPO starts
     rows = run(args.config, args.overrides)
     print(summary_table(rows))
     return 0
@@ -148,6 +153,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                               "`csr prepare coco` writes them for COCO (docs/evaluation.md); "
                               "or score existing answers with --responses FILE.")
         _route_logs(recipe.output_dir)
+        preflight("eval")
         model = dataclasses.replace(recipe.model, path=args.model or recipe.model.path)
         try:
             result = evaluate(model, recipe.eval, answers_path=out.with_suffix(".answers.jsonl") if out else None)
@@ -186,7 +192,16 @@ def _cmd_train_ppo(args: argparse.Namespace) -> int:
         print(f"Ray working_dir: {write_working_dir(recipe, args.config, args.overrides)}")
         return 0
     _route_logs(recipe.output_dir)
+    preflight("train-ppo")
     return train_ppo(recipe, args.config, args.overrides)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from csr_plugin.doctor import report
+
+    lines, code = report()
+    print("\n".join(lines))
+    return code
 
 
 def _cmd_recipe_show(args: argparse.Namespace) -> int:
@@ -363,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     _quiet_by_default(p)
     p.set_defaults(func=_cmd_train_ppo)
 
+    p = sub.add_parser("doctor", help="the GPU stack: torch, CUDA and driver, GPUs, flash-attn, vLLM, DeepSpeed, "
+                       "OpenRLHF, Ray", description="Reports what this machine can run and warns about what will "
+                       "not work; exits 1 when nvidia-smi lists GPUs that torch cannot use. The GPU commands run "
+                       "the same check before their first stage.")
+    p.set_defaults(func=_cmd_doctor)
+
     p = sub.add_parser("recipe", help="`csr recipe show R.yaml`: the exact csr / torchrun / OpenRLHF / ray commands",
                        description="Prints every command a recipe runs; --check checks the OpenRLHF flags with the "
                                    "entry point that runs them (train_ppo_ray's parser needs vllm importable, for "
@@ -406,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"csr {args.command}: error: {exc}", file=sys.stderr)
         logs_hint()
         return 2
+    except GpuUnusable as exc:   # before any stage ran: nothing in the logs to point at
+        print(f"csr {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except SystematicFailure as exc:
         print(f"csr {args.command}: stopped: {exc}", file=sys.stderr)
         logs_hint()

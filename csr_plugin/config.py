@@ -175,7 +175,13 @@ class SearchConfig:
     vllm: dict = _help(
         "vLLM engine arguments (vllm.EngineArgs names) for search.engine: vllm and `csr sample --ray --openrlhf`, "
         "e.g. {max_model_len: 4096, gpu_memory_utilization: 0.8}. On vLLM's CPU build the defaults are "
-        "enforce_eager: true, enable_chunked_prefill: false, kv_cache_memory_bytes: 1 GiB.", default_factory=dict)
+        "enforce_eager: true, enable_chunked_prefill: false, kv_cache_memory_bytes: 1 GiB; on a GPU "
+        "gpu_memory_utilization: search.vllm_gpu_memory and max_model_len: the model's context.", default_factory=dict)
+    vllm_gpu_memory: float = _help(
+        "Share of the GPU vLLM takes (its gpu_memory_utilization, weights + KV cache) with search.engine: vllm and "
+        "`csr sample --ray --openrlhf`. vLLM refuses to start unless that share is free; the rest is for CLIP or "
+        "reward.mrm on the same GPU (a 7B reward model in bf16 needs about 16 GB: 0.7 on an 80 GB card).",
+        default=0.7)
     seed: int = _help("Random seed for sampling.", default=0)
     stop_after_failures: int = _help(
         "Stop `csr sample` when this many prompts in a row fail with the same error (a setup problem such as "
@@ -199,6 +205,9 @@ class SearchConfig:
         if not self.delimiters or not all(isinstance(d, str) and d for d in self.delimiters):
             raise ConfigError(f"`{where}.delimiters` must be a non-empty list of non-empty strings, "
                               f"got {self.delimiters!r}.")
+        if not 0.0 < self.vllm_gpu_memory < 1.0:
+            raise ConfigError(f"`{where}.vllm_gpu_memory` must be in (0, 1), got {self.vllm_gpu_memory}; it is the "
+                              "share of the GPU vLLM takes (e.g. 0.7).")
         if self.decoding == "pargs" and not self.rm:
             raise ConfigError(f"`{where}.decoding` is pargs: set `{where}.rm` (or `csr sample --rm`) to a reward "
                               "model folder from `csr train-rm`, or use decoding: sample.")

@@ -17,12 +17,12 @@ kept, a DPO run resumes from its last DeepSpeed checkpoint, finished stages are 
 """
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import time
 from pathlib import Path
 
+from csr_plugin.accelerator import release_memory
 from csr_plugin.config import Recipe, load_recipe
 from csr_plugin.curation import curate_file
 from csr_plugin.jsonl import JsonlAppender, load_records, write_jsonl_atomic
@@ -64,11 +64,7 @@ def _sample_stage(recipe: Recipe, t: int, folder: Path):
     with _Timer(folder, "sample"):
         summary = sample(stage_recipe, leave=False)
     say(f"iteration {t}: {summary}")
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the DPO ranks need the GPU the sampler used
+    release_memory()  # the DPO ranks need the GPU the sampler's engine and CLIP (or reward.mrm) used
     return summary
 
 

@@ -246,6 +246,11 @@ def _serial(scorer):
 
 
 def _build_visual(recipe: Recipe):
-    from csr_plugin.reward.source import build_visual_scorer
+    import dataclasses
 
-    return build_visual_scorer(recipe)
+    from csr_plugin.reward.source import build_visual_scorer
+    from csr_plugin.sampling.ray_actors import engine_device
+
+    # a tensor-parallel engine's actor sees every GPU of its node: CLIP goes to the engine's rank-0 GPU
+    clip = dataclasses.replace(recipe.clip, device=engine_device(recipe.clip.device))
+    return build_visual_scorer(dataclasses.replace(recipe, clip=clip))

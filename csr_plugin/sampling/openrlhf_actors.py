@@ -64,7 +64,7 @@ def rollout_actor_kwargs(recipe: Recipe, use_gpu: bool, processor) -> dict:
         max_model_len=_context_length(model.path, model.trust_remote_code), limit_mm_per_prompt={"image": 1},
         full_determinism=False, bundle_indices=None, num_gpus=gpus, agent_func_path=str(AGENT_FILE),
         remote_rm_url=None, mm_pad_token_ids={image_token} if image_token is not None else set())
-    kwargs.update(engine_args(recipe.search, cpu=not use_gpu))
+    kwargs.update(engine_args(recipe.search, cpu=not use_gpu, max_model_len=kwargs["max_model_len"]))
     return kwargs
 
 
@@ -76,6 +76,7 @@ class OpenRLHFEngines:
     def __init__(self, recipe: Recipe, use_gpu: bool, extra_env: dict):
         from transformers import AutoProcessor
 
+        from csr_plugin.accelerator import flash_attn_env
         from csr_plugin.sampling.vllm_engine import cpu_openrlhf_env, import_vllm
 
         import_vllm()  # the driver unpickles vLLM objects and imports OpenRLHF's actor module
@@ -94,7 +95,7 @@ class OpenRLHFEngines:
         recipe_file.parent.mkdir(parents=True, exist_ok=True)
         recipe_file.write_text(yaml.safe_dump(actor_recipe(recipe), sort_keys=False))
         env = {"CSR_RECIPE": str(recipe_file), "CSR_RECIPE_OVERRIDES": "[]", "TOKENIZERS_PARALLELISM": "false",
-               **({} if use_gpu else cpu_openrlhf_env()), **extra_env}
+               **(flash_attn_env() if use_gpu else cpu_openrlhf_env()), **extra_env}
         self.actor = RolloutRayActor.options(num_cpus=1, num_gpus=self.kwargs["num_gpus"], max_restarts=0,
                                              runtime_env={"env_vars": env})
 

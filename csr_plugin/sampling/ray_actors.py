@@ -49,10 +49,20 @@ def _actor_class():
     return import_ray().remote(SamplingWorker)
 
 
-def _actor_options(use_gpu: bool, extra_env: Optional[dict] = None) -> dict:
+def engine_gpus(recipe: Recipe) -> int:
+    """GPUs one sampling actor needs: its vLLM engine's tensor-parallel size (search.vllm), else one."""
+    if recipe.search.engine != "vllm":
+        return 1
+    return int(recipe.search.vllm.get("tensor_parallel_size", 1))
+
+
+def _actor_options(use_gpu: bool, extra_env: Optional[dict] = None, gpus: int = 1) -> dict:
     env = {"TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     if use_gpu:
-        return {"num_cpus": 1, "num_gpus": 1, "runtime_env": {"env_vars": env}}
+        from csr_plugin.accelerator import flash_attn_env
+
+        # flash-attn without its CUDA kernels imports only with its Triton switch (accelerator.py)
+        return {"num_cpus": 1, "num_gpus": gpus, "runtime_env": {"env_vars": {**flash_attn_env(), **env}}}
     # One core per actor: more torch threads than that only fight the other actors. flash-attn's
     # CPU install imports only with its Triton backend; on an NVIDIA GPU that variable would pick ROCm.
     cpu = {"OMP_NUM_THREADS": "1", "FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE"}
@@ -69,8 +79,43 @@ def actor_recipe(recipe: Recipe) -> dict:
             data[section][key] = str(Path(value).resolve())
     for section in ("model", "clip"):
         if data[section]["device"].startswith("cuda"):
-            data[section]["device"] = "cuda"   # Ray sets CUDA_VISIBLE_DEVICES to the actor's one GPU
+            # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs (engine_gpus of them): the first is where a
+            # tensor-parallel engine's rank 0 runs, so CLIP shares the engine's own device.
+            data[section]["device"] = "cuda:0"
     return data
+
+
+def engine_device(device: str) -> str:
+    """The device for CLIP (or reward.mrm) inside one of OpenRLHF's vLLM rollout actors: ``device`` unless
+    the engine is tensor-parallel (``ppo.vllm_tp`` > 1). Such an actor holds no GPU itself: OpenRLHF removes
+    its CUDA_VISIBLE_DEVICES, so "cuda" would be GPU 0 of the node for every engine there, and its vLLM
+    workers run on the placement-group bundles named in VLLM_RAY_BUNDLE_INDICES. A probe task in the first
+    of those bundles, run before the workers take them, reads the GPU Ray gave that bundle: the device of
+    the engine's rank 0."""
+    import os
+
+    bundles = os.environ.get("VLLM_RAY_BUNDLE_INDICES")
+    if not bundles or not (device == "auto" or device.startswith("cuda")):
+        return device
+    ray = import_ray()
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = ray.util.get_current_placement_group()
+    if group is None:
+        return device
+    first = int(bundles.split(",")[0])
+    gpus = float(os.environ.get("VLLM_RAY_PER_WORKER_GPUS", "1"))
+    probe = ray.remote(num_cpus=0, num_gpus=gpus)(_gpu_ids).options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=first))
+    ids = ray.get(probe.remote())
+    # with CUDA_VISIBLE_DEVICES removed, torch's index on this node is Ray's GPU id
+    return f"cuda:{ids[0]}" if ids else device
+
+
+def _gpu_ids() -> list:
+    import ray
+
+    return ray.get_gpu_ids()
 
 
 class SearchActors:
@@ -79,7 +124,8 @@ class SearchActors:
     in_flight_per_actor = IN_FLIGHT_PER_ACTOR
 
     def __init__(self, recipe: Recipe, use_gpu: bool, extra_env: Optional[dict] = None):
-        self.actor = _actor_class().options(max_restarts=0, **_actor_options(use_gpu, extra_env))
+        self.actor = _actor_class().options(max_restarts=0,
+                                            **_actor_options(use_gpu, extra_env, engine_gpus(recipe)))
         self.recipe = actor_recipe(recipe)
         self.chunk_size = recipe.search.batch_prompts
 

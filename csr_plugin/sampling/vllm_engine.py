@@ -77,9 +77,11 @@ def cpu_openrlhf_env() -> dict:
     return {"FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE", **cpu_env()}
 
 
-def engine_args(search: SearchConfig, cpu: bool) -> dict:
-    """``search.vllm`` over our defaults (the CPU ones on CPU); refuses keys the recipe sets elsewhere
-    and keys vLLM's EngineArgs does not have, naming them."""
+def engine_args(search: SearchConfig, cpu: bool, max_model_len: int | None = None) -> dict:
+    """``search.vllm`` over our defaults; refuses keys the recipe sets elsewhere and keys vLLM's EngineArgs
+    does not have, naming them. Defaults: the CPU ones on CPU; on a GPU ``search.vllm_gpu_memory`` as
+    gpu_memory_utilization (vLLM's own 0.92 leaves no room for CLIP or a reward model beside it, and vLLM
+    refuses to start when that share is not free) and ``max_model_len``, the model's context, when given."""
     known = {f.name for f in dataclasses.fields(import_vllm().EngineArgs)}
     for key in search.vllm:
         if key in _OWN_ARGS:
@@ -88,7 +90,12 @@ def engine_args(search: SearchConfig, cpu: bool) -> dict:
         if key not in known:
             raise ConfigError(f"`search.vllm.{key}` is not a vLLM engine argument (vllm.EngineArgs); "
                               "see `vllm serve --help` for the names.")
-    return {**(CPU_ENGINE_DEFAULTS if cpu else {}), **search.vllm}
+    if cpu:
+        defaults = CPU_ENGINE_DEFAULTS
+    else:
+        defaults = {"gpu_memory_utilization": search.vllm_gpu_memory,
+                    **({"max_model_len": max_model_len} if max_model_len else {})}
+    return {**defaults, **search.vllm}
 
 
 @contextlib.contextmanager
@@ -112,6 +119,15 @@ def _reject_group_beam(search: SearchConfig) -> None:
     if search.decoding == "pargs":   # also OpenRLHF's rollout actors (`csr sample --openrlhf`, PPO), which run vLLM
         raise ValueError("search.decoding: pargs is not available on vLLM (vLLM cannot run the reward model at "
                          "every token): use search.engine: transformers without --openrlhf, or decoding: sample.")
+
+
+def model_context(model_cfg: ModelConfig) -> int:
+    """The model's context (model_source.context_length of its config): vLLM's max_model_len on a GPU."""
+    from transformers import AutoConfig
+
+    from csr_plugin.model_source import context_length
+
+    return context_length(AutoConfig.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code))
 
 
 class VllmSentenceRules:
@@ -229,7 +245,8 @@ class VllmEngine:
 
         cpu = on_cpu()
         kwargs = {"dtype": vllm_dtype(model_cfg.dtype), "enable_prefix_caching": True,
-                  "limit_mm_per_prompt": {"image": 1}, **engine_args(search, cpu)}
+                  "limit_mm_per_prompt": {"image": 1},
+                  **engine_args(search, cpu, None if cpu else model_context(model_cfg))}
         if cpu:
             for name, value in cpu_env().items():
                 os.environ.setdefault(name, value)

@@ -14,10 +14,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-if not torch.cuda.is_available():
-    # OpenRLHF imports flash_attn at import time; without CUDA its pure-Python install imports
-    # only with the Triton backend selected (DESIGN.md section 4). Must precede any openrlhf import.
-    os.environ.setdefault("FLASH_ATTENTION_TRITON_AMD_ENABLE", "TRUE")
+from csr_plugin.accelerator import enable_flash_attn_import
+
+# OpenRLHF imports flash_attn at import time; its pure-Python install (no CUDA kernels, on CPU or on a
+# GPU without a prebuilt flash-attn) imports only with the Triton backend selected. Must precede any
+# openrlhf import.
+enable_flash_attn_import()
 
 
 def on_gpu() -> bool:

@@ -386,3 +386,33 @@ def test_too_few_pope_images_for_three_absent_objects_is_a_clear_error(coco, tmp
     ann, images = coco
     with pytest.raises(CocoError, match=r"no object left to ask as absent .* Use a larger --count"):
         prepare_coco(ann, images, tmp_path / "out", count=1)
+
+
+@pytest.mark.parametrize("name", ["paper.yaml", "official.yaml", "qwen25vl-7b-dpo.yaml"])
+def test_the_7b_recipes_score_answers_from_prepared_coco_without_their_model(name, coco, tmp_path, monkeypatch):
+    """The recipes' eval sections point where `csr prepare coco --out data/coco-val2014` writes; the 7B
+    model is not on this machine and is never loaded."""
+    ann, images = coco
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare", "coco", "--annotations", str(ann), "--images", str(images),
+                 "--out", "data/coco-val2014", "--count", "8"]) == 0
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"image_id": 108, "caption": "A man in a bow tie by a car and a dog."}) + "\n" +
+                       json.dumps({"question_id": 1, "answer": "Yes.", "category": "adversarial"}) + "\n")
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / name
+    assert main(["eval", "--config", str(recipe), "--responses", str(answers), "--out", "r.json"]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert (result["mentions"], result["hallucinated_mentions"]) == (4, 1)   # person, tie, car, dog: no dog
+    assert result["pope_adversarial"]["n"] == 1
+
+
+def test_an_original_llava_release_folder_is_refused_with_the_conversion(tmp_path):
+    from csr_plugin.config import ConfigError
+    from csr_plugin.model_source import check_model_path
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_llama",
+                                                      "architectures": ["LlavaLlamaForCausalLM"]}))
+    with pytest.raises(ConfigError, match=r"original LLaVA release's format .* llava-hf/llava-1\.5-7b-hf"):
+        check_model_path(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    assert check_model_path(str(tmp_path)) == tmp_path

@@ -54,11 +54,11 @@ def prepare_coco(annotations: str | Path, images: str | Path, out: str | Path, s
         objects = annotated.setdefault(ann["image_id"], [])
         if names[ann["category_id"]] not in objects:
             objects.append(names[ann["category_id"]])
-    mentioned: dict[int, set[str]] = {}
+    captioned: dict[int, list[str]] = {}
     for ann in captions["annotations"]:
-        mentioned.setdefault(ann["image_id"], set()).update(vocab.mentions(ann["caption"]))
+        captioned.setdefault(ann["image_id"], []).append(ann["caption"])
 
-    chair_ids = sorted(random.Random(f"coco/{seed}/chair").sample(sorted(mentioned), min(count, len(mentioned))))
+    chair_ids = sorted(random.Random(f"coco/{seed}/chair").sample(sorted(captioned), min(count, len(captioned))))
     pope_pool = sorted(i for i, objects in annotated.items() if len(objects) >= POPE_PER_IMAGE and i in files)
     pope_ids = random.Random(f"coco/{seed}/pope").sample(pope_pool, min(count, len(pope_pool)))
     _check_images(images, [files[i] for i in [*chair_ids, *pope_ids]])
@@ -70,6 +70,8 @@ def prepare_coco(annotations: str | Path, images: str | Path, out: str | Path, s
     write_jsonl_atomic(path["prompts.jsonl"], [{"id": str(i), "image": image_path[i], "question": DESCRIBE}
                                                for i in chair_ids])
     truth_ids = sorted(set(chair_ids) | set(pope_ids))
+    # read only the chosen images' captions: a split has 200k of them
+    mentioned = {i: {obj for caption in captioned.get(i, []) for obj in vocab.mentions(caption)} for i in truth_ids}
     write_jsonl_atomic(path["truth.jsonl"], [
         {"id": str(i), "objects": sorted(set(annotated.get(i, [])) | mentioned.get(i, set())),
          "instances": annotated.get(i, []), "file_name": files[i]} for i in truth_ids])

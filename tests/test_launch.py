@@ -57,11 +57,13 @@ def test_two_train_dpo_runs_at_once_on_one_machine_both_finish(tmp_path, tiny_re
         assert (tmp_path / name / "final" / ".complete").exists()
 
 
-def test_flash_attn_rocm_switch_reaches_cpu_actors_only():
-    """FLASH_ATTENTION_TRITON_AMD_ENABLE makes flash-attn's CPU install importable, but on an NVIDIA
-    GPU it selects the ROCm backend: GPU actors must never get it."""
+def test_flash_attn_rocm_switch_reaches_cpu_actors_only(monkeypatch):
+    """FLASH_ATTENTION_TRITON_AMD_ENABLE makes flash-attn's pure-Python install importable, but where its
+    CUDA kernels are installed it would switch them off: GPU actors get it only without them."""
+    from csr_plugin import accelerator
     from csr_plugin.sampling.ray_actors import _actor_options
 
+    monkeypatch.setattr(accelerator, "flash_attn_kernels", lambda: True)   # a GPU node with a prebuilt flash-attn
     gpu, cpu = _actor_options(True)["runtime_env"]["env_vars"], _actor_options(False)["runtime_env"]["env_vars"]
     assert "FLASH_ATTENTION_TRITON_AMD_ENABLE" not in gpu
     assert cpu["FLASH_ATTENTION_TRITON_AMD_ENABLE"] == "TRUE"

@@ -75,7 +75,8 @@ def test_the_recipe_builds_vllm_with_our_cpu_defaults_and_its_engine_args(built)
 
 def test_engine_args_refuse_keys_vllm_lacks_and_keys_the_recipe_sets():
     assert engine_args(SearchConfig(vllm={"enforce_eager": False}), cpu=True)["enforce_eager"] is False
-    assert engine_args(SearchConfig(), cpu=False) == {}   # on a GPU, vLLM's own defaults
+    # on a GPU: the recipe's memory share (room for CLIP beside vLLM) and, when given, the model's context
+    assert engine_args(SearchConfig(), cpu=False) == {"gpu_memory_utilization": SearchConfig().vllm_gpu_memory}
     with pytest.raises(ConfigError, match=r"`search.vllm.max_modle_len` is not a vLLM engine argument"):
         engine_args(SearchConfig(vllm={"max_modle_len": 8}), cpu=True)
     with pytest.raises(ConfigError, match=r"`search.vllm.seed` is set from the recipe"):

@@ -108,7 +108,7 @@ def evaluate(model_cfg: ModelConfig, cfg: EvalConfig, answers_path: Path | None 
                                   [f"pope/{setting}/{q['question_id']}" for q in asked])
             answers[setting] = {str(q["question_id"]): a for q, a in zip(asked, texts)}
     finally:
-        del model
+        model = generate_with = None   # the generator's closure holds the model (and a PARGS reward model) too
         release_memory()
     if answers_path is not None:
         write_jsonl_atomic(answers_path, captions + [

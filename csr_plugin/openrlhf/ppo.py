@@ -234,6 +234,11 @@ def runtime_env(recipe: Recipe, cpu: bool = False) -> dict:
         # one setup hook per job: the CPU one also runs the step-wise reward hook
         env["worker_process_setup_hook"] = ppo_on_cpu.HOOK
         env["env_vars"].update(ppo_on_cpu.worker_env())
+    else:
+        from csr_plugin.accelerator import flash_attn_env
+
+        # OpenRLHF's actors import flash_attn: without its CUDA kernels only through the Triton switch
+        env["env_vars"].update(flash_attn_env())
     return {**env, "working_dir": str(working_dir(recipe)), "py_modules": [str(package_dir())]}
 
 
@@ -255,18 +260,64 @@ def shell_commands(recipe: Recipe, config_path: str, overrides: list[str]) -> li
     ]
 
 
-def train_ppo(recipe: Recipe, config_path: str, overrides: list[str]) -> int:
-    """Run OpenRLHF's train_ppo_ray in this process, on a local or given Ray cluster; without CUDA, with
-    the CPU stand-ins of ppo_on_cpu.py."""
-    import runpy
+def runs_on_cpu(recipe: Recipe) -> bool:
+    """Whether the run takes the CPU stand-ins of ppo_on_cpu.py, decided by the Ray cluster it runs on, as
+    `csr sample --ray` decides: a CPU login or head node driving a GPU cluster (`ppo.ray_address`) must not
+    install them (vLLM would sync weights over gloo while the trainer uses NCCL: a hang).
 
-    import torch
+    - Ray already up in this process: what its runtime_env says (runtime_env(recipe, cpu) set it up);
+    - `ppo.ray_address`: the cluster's GPUs, read over a short connection before the job's own. A cluster
+      without GPUs is refused: OpenRLHF's placement groups would wait for GPUs forever;
+    - a local cluster: Ray gives it this machine's GPUs, those torch can use (the preflight has checked
+      that torch can use every GPU nvidia-smi lists).
+    """
+    import ray
+
+    from csr_plugin.openrlhf.ppo_on_cpu import ENV_VAR
+
+    if ray.is_initialized():
+        return ray.get_runtime_context().runtime_env.get("env_vars", {}).get(ENV_VAR) == "1"
+    if not recipe.ppo.ray_address:
+        import torch
+
+        return not torch.cuda.is_available()
+    ray.init(address=recipe.ppo.ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+    finally:
+        ray.shutdown()
+    if gpus <= 0:
+        raise ConfigError(f"the Ray cluster at ppo.ray_address={recipe.ppo.ray_address!r} has no GPUs. PPO runs on "
+                          "GPU nodes (start them with `ray start --address ...` on each), or on this machine's CPU "
+                          "with a local cluster: leave ppo.ray_address empty.")
+    return False
+
+
+def gpu_attention(recipe: Recipe) -> Recipe:
+    """On GPUs: ppo.attn_implementation as the installed flash-attn allows (sdpa without its CUDA kernels,
+    said in a warning; accelerator.py). Decided here for every node: they run the same install."""
+    import dataclasses
+
+    from csr_plugin.accelerator import attention
+
+    chosen = attention(recipe.ppo.attn_implementation, "ppo.attn_implementation")
+    if chosen == recipe.ppo.attn_implementation:
+        return recipe
+    return dataclasses.replace(recipe, ppo=dataclasses.replace(recipe.ppo, attn_implementation=chosen))
+
+
+def train_ppo(recipe: Recipe, config_path: str, overrides: list[str]) -> int:
+    """Run OpenRLHF's train_ppo_ray in this process, on a local or given Ray cluster; on a cluster without
+    GPUs (a local one: this machine's CPU), with the CPU stand-ins of ppo_on_cpu.py."""
+    import runpy
 
     from csr_plugin import run_logs
 
-    cpu = not torch.cuda.is_available()
+    cpu = runs_on_cpu(recipe)
     if cpu:
         check_cpu_recipe(recipe)
+    else:
+        recipe = gpu_attention(recipe)
     check_decoding(recipe)
     check_context(recipe)
     # quiet: what the libraries, Ray and train_ppo_ray print goes to logs/train_ppo.log (file descriptors

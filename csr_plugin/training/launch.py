@@ -45,6 +45,21 @@ def preflight(recipe: Recipe, loop: bool = False) -> None:
                           "`dpo.lora_merge: true`, or train once with `csr train-dpo`.")
 
 
+def installed_attention(recipe: Recipe, overrides: list[str]) -> tuple[Recipe, list[str]]:
+    """dpo.attn_implementation as the installed flash-attn allows: without its CUDA kernels a flash-attn
+    implementation becomes sdpa (a warning says so; accelerator.py), for this process and, as an override,
+    for the ranks it starts, which run the same install."""
+    import dataclasses
+
+    from csr_plugin.accelerator import attention
+
+    chosen = attention(recipe.dpo.attn_implementation, "dpo.attn_implementation")
+    if chosen == recipe.dpo.attn_implementation:
+        return recipe, overrides
+    return (dataclasses.replace(recipe, dpo=dataclasses.replace(recipe.dpo, attn_implementation=chosen)),
+            [*overrides, f"dpo.attn_implementation={chosen}"])
+
+
 def deepspeed_launcher() -> str:
     """DeepSpeed's launcher script of this interpreter's environment: `csr` run as .venv/bin/csr, without
     the venv on PATH, would not find a bare `deepspeed`."""
@@ -90,6 +105,7 @@ def run_dpo(recipe: Recipe, config_path: str, overrides: list[str], model: str, 
     terminal (quiet mode); if DPO fails its last lines and path are printed.
     """
     preflight(recipe)
+    recipe, overrides = installed_attention(recipe, overrides)
     if inside_distributed_launch():
         from csr_plugin.training.dpo_main import train_dpo
 

@@ -225,7 +225,8 @@ def _cmd_recipe_flags(args: argparse.Namespace) -> int:
 
 
 def _add_overrides(parser: argparse.ArgumentParser, help: str = "recipe overrides") -> None:
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help=help)
+    # default=[]: not "required" (with the intermixed parsing, a missing recipe was reported as a missing override)
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help=help)
 
 
 _VERBOSE_HELP = ("show everything on the terminal: debug logging, library warnings, every DPO rank's output "
@@ -247,8 +248,36 @@ def _route_logs(output_dir: str) -> None:
         run_logs.route_logs(output_dir)
 
 
+class _AnyOrderParser(argparse.ArgumentParser):
+    """A subcommand takes its flags and its positionals (the recipe, `key.sub=value` overrides) in any order:
+    plain argparse ends a `nargs="*"` positional at the first flag, so `csr recipe show R --check k=v` failed."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        # parse_known_intermixed_args calls parse_known_args itself (twice); a parser with subcommands of its
+        # own cannot be intermixed, its leaves are.
+        if self._intermixing or self._subparsers is not None:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser):
+    """Every parser that runs a command (`csr sample`, `csr recipe show`, ...), nested subcommands included."""
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not actions:
+        yield parser
+    for action in actions:
+        for child in dict.fromkeys(action.choices.values()):   # aliases map to the same parser
+            yield from _leaf_parsers(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="csr", description="Calibrated Self-Rewarding (CSR) for VLMs, in OpenRLHF.")
+    parser = _AnyOrderParser(prog="csr", description="Calibrated Self-Rewarding (CSR) for VLMs, in OpenRLHF.")
     parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -398,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = recipe_sub.add_parser("flags", help="which recipe key sets which OpenRLHF flag (the rest: dpo.openrlhf / "
                                             "ppo.openrlhf)")
     q.set_defaults(func=_cmd_recipe_flags)
+    for leaf in _leaf_parsers(parser):   # `-v` after any command too, as before it
+        if "--verbose" not in leaf._option_string_actions:
+            # SUPPRESS: `csr -v curate ...` is not undone by this option's default
+            leaf.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
     return parser
 
 

@@ -106,10 +106,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_serve_reward(args: argparse.Namespace) -> int:
     from csr_plugin.openrlhf.reward_server import serve
 
+    from csr_plugin.openrlhf.reward_server import remote_url
+
     recipe = load_recipe(args.config, args.overrides)
-    ready = lambda server: print(f"CSR reward server on http://{server.host}:{server.port}/get_reward "  # noqa: E731
-                                 "(OpenRLHF: --reward.remote_url that URL)", flush=True)
-    serve(recipe, args.host, args.port, args.max_batch, args.max_queue, args.timeout, args.max_request_bytes,
+    host = args.host if args.host is not None else recipe.serve.host
+    port = args.port if args.port is not None else recipe.serve.port
+
+    def ready(server) -> None:
+        url = remote_url(server.host, server.port, recipe.serve.url_host)
+        local = server.host in ("127.0.0.1", "localhost", "::1")
+        print(f"CSR reward server on {server.host}:{server.port}; OpenRLHF: --reward.remote_url {url}"
+              + (" (this machine only: serve.host=0.0.0.0 for engines on other nodes)" if local else ""), flush=True)
+
+    serve(recipe, host, port, args.max_batch, args.max_queue, args.timeout, args.max_request_bytes,
           args.image_root, ready=ready)
     return 0
 
@@ -368,8 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="POST /get_reward {query, prompts, labels} -> {rewards, scores}; the image "
                                    "travels in each label as {\"image\": path} or a plain path.")
     p.add_argument("--config", required=True, help="recipe YAML (model, clip, reward, search.delimiters)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default=None, help="bind address (default: serve.host, 127.0.0.1; 0.0.0.0 exposes it "
+                   "to other nodes)")
+    p.add_argument("--port", type=int, default=None, help="TCP port (default: serve.port, 5000)")
     p.add_argument("--max-batch", type=int, default=64, help="responses per scoring forward")
     p.add_argument("--max-queue", type=int, default=1024, help="requests waiting before a 503")
     # Defaults = reward_server.DEFAULT_TIMEOUT_S / DEFAULT_MAX_REQUEST_BYTES (not imported: --help stays fast).

@@ -516,6 +516,23 @@ class LoggingConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`csr serve-reward`: where the reward server listens and the URL OpenRLHF's engines are given."""
+    host: str = _help("Bind address; 127.0.0.1 = this machine only, 0.0.0.0 = every interface (engines on other "
+                      "nodes). --host overrides it.", default="127.0.0.1")
+    port: int = _help("TCP port (--port overrides it).", default=5000)
+    url_host: str = _help("Host name or address other nodes reach this server by, for the printed "
+                          "--reward.remote_url; empty = the bind address, or this machine's name when it binds "
+                          "every interface.", default="")
+
+    def validate(self, where: str) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"`{where}.port` must be in [0, 65535], got {self.port}.")
+        if not self.host.strip():
+            raise ConfigError(f"`{where}.host` must not be empty; use 127.0.0.1 or 0.0.0.0.")
+
+
+@dataclass
 class LoopConfig:
     iterations: int = _help("CSR iterations T: sample -> curate -> DPO, each from the previous iterate.",
                             default=3)
@@ -599,6 +616,7 @@ class Recipe:
     loop: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 # YAML keys that are Python keywords are stored with a trailing underscore.

@@ -43,6 +43,8 @@ def _openrlhf_dpo_flags(recipe: Recipe, model: str, pairs: str, dpo_dir: str) ->
 
 
 def show(recipe: Recipe, config_path: str, overrides: list[str]) -> str:
+    from csr_plugin.openrlhf.reward_server import remote_url
+
     step = dpo_iteration(recipe, config_path, overrides, 1)
     lines = [
         f"# CSR-DPO loop: {recipe.loop.iterations} iterations, all stages resumable",
@@ -69,7 +71,7 @@ def show(recipe: Recipe, config_path: str, overrides: list[str]) -> str:
         "# reward only, for an OpenRLHF run of your own (one calibrated reward per response):",
         f"#   --reward.remote_url {Path(__file__).parent / 'openrlhf' / 'reward_func.py'}   (with CSR_RECIPE set)",
         "#   or: " + _csr("serve-reward", "--config", config_path, *overrides) +
-        "  ->  --reward.remote_url http://127.0.0.1:5000/get_reward",
+        f"  ->  --reward.remote_url {remote_url(recipe.serve.host, recipe.serve.port, recipe.serve.url_host)}",
     ]
     return "\n".join(lines)
 

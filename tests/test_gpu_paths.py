@@ -218,3 +218,46 @@ def test_the_evaluator_releases_its_model_before_the_next_stage(monkeypatch, tin
     evaluate_module.evaluate(recipe.model, recipe.eval)
     gc.collect()
     assert seen == {"model_alive": False} and emptied == [True]
+
+
+def test_the_reward_server_address_comes_from_the_recipe(monkeypatch, tmp_path, tiny_recipe_dict, capsys):
+    """Bound to 127.0.0.1 unless the recipe (serve.host) or --host says otherwise; the printed
+    --reward.remote_url names a host other nodes can reach when it binds every interface."""
+    import socket
+
+    import yaml
+
+    from csr_plugin.cli import main
+    from csr_plugin.openrlhf import reward_server
+    from csr_plugin.openrlhf.reward_server import remote_url
+    from csr_plugin.recipe_commands import show
+
+    assert recipe_from_dict({}).serve.host == "127.0.0.1"
+    assert remote_url("127.0.0.1", 5000) == "http://127.0.0.1:5000/get_reward"
+    assert remote_url("0.0.0.0", 6000) == f"http://{socket.getfqdn()}:6000/get_reward"
+    assert remote_url("0.0.0.0", 6000, "head-node") == "http://head-node:6000/get_reward"
+    assert remote_url("::", 1, "fd00::1") == "http://[fd00::1]:1/get_reward"
+    with pytest.raises(ConfigError, match="serve.port"):
+        recipe_from_dict({"serve": {"port": 70000}})
+
+    bound = []
+
+    class Server:
+        host, port = "", 0
+
+    def serve(recipe, host, port, *args, ready=None, **kwargs):
+        bound.append((host, port))
+        Server.host, Server.port = host, port
+        ready(Server)
+
+    monkeypatch.setattr(reward_server, "serve", serve)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(dict(tiny_recipe_dict, serve={"host": "0.0.0.0", "port": 6001,
+                                                                 "url_host": "head-node"})))
+    assert main(["serve-reward", "--config", str(path)]) == 0
+    assert "--reward.remote_url http://head-node:6001/get_reward" in capsys.readouterr().out
+    assert main(["serve-reward", "--config", str(path), "--host", "127.0.0.1", "--port", "6002"]) == 0
+    assert "this machine only" in capsys.readouterr().out
+    assert bound == [("0.0.0.0", 6001), ("127.0.0.1", 6002)]
+    recipe = recipe_from_dict(dict(tiny_recipe_dict, serve={"host": "0.0.0.0", "url_host": "head-node"}))
+    assert "--reward.remote_url http://head-node:5000/get_reward" in show(recipe, str(path), [])

@@ -611,7 +611,7 @@ def test_defaults_outlast_openrlhfs_client_and_the_cli_says_them(capsys):
     assert DEFAULT_TIMEOUT_S > OPENRLHF_CLIENT_TIMEOUT_S
     args = build_parser().parse_args(["serve-reward", "--config", "r.yaml"])
     assert (args.host, args.timeout, args.max_request_bytes, args.image_root) == \
-        ("127.0.0.1", DEFAULT_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES, None)
+        (None, DEFAULT_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES, None)   # the bind address: serve.host, 127.0.0.1
     with pytest.raises(SystemExit):
         main(["serve-reward", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())

@@ -401,6 +401,16 @@ class RewardServer:
         self.stop()
 
 
+def remote_url(host: str, port: int, url_host: str = "") -> str:
+    """The --reward.remote_url OpenRLHF's engines are given for a server bound to ``host``:``port``. A server
+    on every interface (0.0.0.0, ::) is named by ``url_host`` or this machine's name, which other nodes can
+    resolve; 127.0.0.1 is reachable from this machine only."""
+    name = url_host or (socket.getfqdn() if host in ("0.0.0.0", "::", "") else host)
+    if ":" in name and not name.startswith("["):
+        name = f"[{name}]"   # an IPv6 address in a URL
+    return f"http://{name}:{port}/get_reward"
+
+
 def serve(recipe: Recipe, host: str = "127.0.0.1", port: int = 0, max_batch: int = 64, max_queue: int = 1024,
           timeout_s: float = DEFAULT_TIMEOUT_S, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
           image_root: Optional[str] = None, ready: Optional[Callable[[RewardServer], None]] = None) -> None:

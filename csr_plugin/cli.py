@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-margin", type=float, default=0.0, help="drop pairs with a smaller reward margin")
     p.add_argument("--sum", action="store_true", help="score responses by the sum, not the mean, of rewards")
     _add_overrides(p, "recipe overrides (with --config)")
-    p.set_defaults(func=_cmd_curate)
+    p.set_defaults(func=_cmd_curate, quiet_logs=True)   # quiet: library warnings held back (shown with -v)
 
     p = sub.add_parser("train-dpo", help="multimodal DPO / IPO / TDPO on OpenRLHF's DeepSpeed trainer (ZeRO-3)",
                        description="Trains model.path on dpo.pairs; writes <output_dir>/final. Resumable.")
@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--split", default="val2014", help="COCO split (default: val2014, the paper's)")
     q.add_argument("--count", type=int, default=500, help="images for CHAIR and for POPE (default: 500)")
     q.add_argument("--seed", type=int, default=0, help="sampling seed of the images and POPE's negatives")
-    q.set_defaults(func=_cmd_prepare_coco)
+    q.set_defaults(func=_cmd_prepare_coco, quiet_logs=True)
 
     p = sub.add_parser("serve-reward", help="HTTP server for OpenRLHF's --reward.remote_url: calibrated rewards",
                        description="POST /get_reward {query, prompts, labels} -> {rewards, scores}; the image "
@@ -433,10 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("recipe", help="recipe YAML")
     q.add_argument("--check", action="store_true", help="validate the flags with OpenRLHF's parsers")
     _add_overrides(q)
-    q.set_defaults(func=_cmd_recipe_show)
+    # quiet: torch's pynvml FutureWarning and DeepSpeed's "Setting accelerator to CPU" (train_ppo_ray's
+    # parser, --check) are held back, shown with -v
+    q.set_defaults(func=_cmd_recipe_show, quiet_logs=True)
     q = recipe_sub.add_parser("flags", help="which recipe key sets which OpenRLHF flag (the rest: dpo.openrlhf / "
                                             "ppo.openrlhf)")
-    q.set_defaults(func=_cmd_recipe_flags)
+    q.set_defaults(func=_cmd_recipe_flags, quiet_logs=True)
     for leaf in _leaf_parsers(parser):   # `-v` after any command too, as before it
         if "--verbose" not in leaf._option_string_actions:
             # SUPPRESS: `csr -v curate ...` is not undone by this option's default
@@ -468,6 +470,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"csr {args.command}: error: {exc}", file=sys.stderr)
+        if getattr(exc, "unknown_key", None):
+            from csr_plugin.key_hints import suggestions
+
+            for hint in suggestions(exc.unknown_key):
+                print(f"csr {args.command}: hint: {hint}", file=sys.stderr)
         logs_hint()
         return 2
     except GpuUnusable as exc:   # before any stage ran: nothing in the logs to point at

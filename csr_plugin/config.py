@@ -8,6 +8,7 @@ the value received and the fix, before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -19,7 +20,10 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A recipe key is unknown, mistyped or out of range."""
+    """A recipe key is unknown, mistyped or out of range. ``unknown_key``: the dotted key a recipe or an
+    override named that does not exist (for the CLI's OpenRLHF-flag hints), else None."""
+
+    unknown_key: Optional[str] = None
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -624,6 +628,11 @@ _KEY_TO_FIELD = {"lambda": "lambda_"}
 _FIELD_TO_KEY = {v: k for k, v in _KEY_TO_FIELD.items()}
 
 
+# One dtype vocabulary for every section: model.dtype is spelled as torch spells it, dpo.dtype / rm.dtype as
+# OpenRLHF's --ds.param_dtype; each takes the other's spelling too.
+DTYPE_SPELLINGS = {"bf16": "bfloat16", "bfloat16": "bf16", "fp16": "float16", "float16": "fp16",
+                   "fp32": "float32", "float32": "fp32"}
+
 EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -641,6 +650,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return _coerce(value, args[0], where)
     if origin is Literal:
         allowed = typing.get_args(annotation)
+        if value not in allowed and DTYPE_SPELLINGS.get(value) in allowed:   # bf16 where bfloat16 is written
+            value = DTYPE_SPELLINGS[value]
         if isinstance(value, bool):   # YAML 1.1 reads a bare off/on/no/yes as a bool: take the word back
             value = next((word for word in (("on", "yes", "true") if value else ("off", "no", "false"))
                           if word in allowed), value)
@@ -689,8 +700,13 @@ def _build(cls: type, data: dict, where: str) -> Any:
         name = _KEY_TO_FIELD.get(key, key)
         path = f"{where}.{key}" if where else str(key)
         if name not in fields:
-            known = ", ".join(_FIELD_TO_KEY.get(n, n) for n in fields)
-            raise ConfigError(f"unknown key `{path}`; known keys here: {known}.")
+            known = [_FIELD_TO_KEY.get(n, n) for n in fields]
+            close = difflib.get_close_matches(str(key), known, n=3, cutoff=0.6)
+            prefix = f"{where}." if where else ""
+            hint = f" Did you mean {' or '.join(f'`{prefix}{k}`' for k in close)}?" if close else ""
+            error = ConfigError(f"unknown key `{path}`.{hint} Known keys here: {', '.join(known)}.")
+            error.unknown_key = path
+            raise error
         kwargs[name] = _coerce(value, hints[name], path)
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):

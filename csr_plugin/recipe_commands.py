@@ -114,8 +114,8 @@ def check(recipe: Recipe, config_path: str, overrides: list[str]) -> list[str]:
     return checked
 
 
-def named_flags_markdown() -> str:
-    """The recipe keys that set OpenRLHF flags, as found from the flag builders (docs/openrlhf.md holds this)."""
+def named_flags() -> list[tuple[str, dict[str, list[str]]]]:
+    """Per trainer: (title, {recipe key: the OpenRLHF flags it sets}), found from the flag builders."""
     import dataclasses
 
     from csr_plugin.config import Recipe
@@ -134,12 +134,20 @@ def named_flags_markdown() -> str:
         ("`csr train-rm` (csr's reward-model worker)", {"rm": recipe.rm},
          lambda s: _own_dpo_flags(as_dpo_config(s["rm"]), "model", "pairs", "out", True, None)),
     ]
-    lines = []
+    named = []
     for title, sections, build in tables:
         by_key: dict[str, list[str]] = {}
         for flag, keys in controlled_flags(build, sections).items():
             for key in keys.split(" and "):
                 by_key.setdefault(key, []).append(flag)
+        named.append((title, by_key))
+    return named
+
+
+def named_flags_markdown() -> str:
+    """The recipe keys that set OpenRLHF flags (docs/openrlhf-flags.md holds this; `csr recipe flags`)."""
+    lines = []
+    for title, by_key in named_flags():
         lines += [f"{title}:", "", "| recipe key | OpenRLHF flag(s) |", "| --- | --- |"]
         lines += [f"| `{key}` | {', '.join(f'`--{f}`' for f in sorted(flags))} |" for key, flags in by_key.items()]
         lines.append("")

@@ -41,11 +41,15 @@ def _cmd_curate(args: argparse.Namespace) -> int:
     from csr_plugin.config import CurationConfig
     from csr_plugin.curation import curate_file
 
+    control_ids = frozenset()
     if args.config:
-        cfg = load_recipe(args.config, args.overrides).curation
+        from csr_plugin.multimodal import model_control_token_ids
+
+        recipe = load_recipe(args.config, args.overrides)
+        cfg, control_ids = recipe.curation, model_control_token_ids(recipe.model)
     else:
         cfg = CurationConfig(min_margin=args.min_margin, length_normalize=not args.sum)
-    summary = curate_file(args.trees, args.out, cfg)
+    summary = curate_file(args.trees, args.out, cfg, control_ids)
     print(summary)
     return 0
 

@@ -91,14 +91,20 @@ def complete_responses(tree: dict, length_normalize: bool, reward_baseline: str 
     return responses
 
 
-def curate_tree(tree: dict, cfg: CurationConfig) -> tuple[Optional[PreferencePair], str]:
+def curate_tree(tree: dict, cfg: CurationConfig, control_ids: frozenset[int] = frozenset()
+                ) -> tuple[Optional[PreferencePair], str]:
     """(pair, "") or (None, why it was skipped): the best-worst pair only."""
-    pairs, reason = curate_tree_pairs(tree, cfg)
+    pairs, reason = curate_tree_pairs(tree, cfg, control_ids)
     return (pairs[0] if pairs else None), reason
 
 
-def curate_tree_pairs(tree: dict, cfg: CurationConfig) -> tuple[list[PreferencePair], str]:
-    """The tree's best-worst pair, then its go-on pair when ``cfg.go_on_pairs``; ([], why) if none."""
+def curate_tree_pairs(tree: dict, cfg: CurationConfig, control_ids: frozenset[int] = frozenset()
+                      ) -> tuple[list[PreferencePair], str]:
+    """The tree's best-worst pair, then its go-on pair when ``cfg.go_on_pairs``; ([], why) if none.
+
+    ``control_ids`` (multimodal.control_token_ids): a pair whose responses hold one is refused, since
+    training cannot take a sampled image or video token (the engines never sample them; trees from
+    elsewhere, or from before that rule, may hold them)."""
     responses = complete_responses(tree, cfg.length_normalize, cfg.reward_baseline, cfg.stop_at_any_sentence,
                                    "stop" if cfg.stop_with_eos else "cut")
     if len(responses) < 2:
@@ -119,11 +125,15 @@ def curate_tree_pairs(tree: dict, cfg: CurationConfig) -> tuple[list[PreferenceP
         return [], "chosen and rejected texts are identical"
     if chosen.reward - rejected.reward < cfg.min_margin:
         return [], f"reward margin below curation.min_margin={cfg.min_margin}"
+    sampled_control = control_ids.intersection(chosen.token_ids + rejected.token_ids)
+    if sampled_control:
+        return [], f"a response holds a multimodal control token (id {min(sampled_control)}), which training cannot take"
     pairs = [PreferencePair(tree["id"], tree["image"], tree["prompt"], chosen, rejected)]
     if cfg.go_on_pairs:
         early = _lowest_early_stop(responses, chosen)
         if (early is not None and early.text != rejected.text
-                and chosen.reward - early.reward > max(cfg.min_margin, 0.0)):
+                and chosen.reward - early.reward > max(cfg.min_margin, 0.0)
+                and not control_ids.intersection(early.token_ids)):
             pairs.append(PreferencePair(tree["id"], tree["image"], tree["prompt"], chosen, early, kind="go_on"))
     return pairs, ""
 
@@ -151,7 +161,8 @@ class CurationSummary:
         return "\n".join(lines)
 
 
-def curate_file(trees_path: str | Path, out_path: str | Path, cfg: CurationConfig) -> CurationSummary:
+def curate_file(trees_path: str | Path, out_path: str | Path, cfg: CurationConfig,
+                control_ids: frozenset[int] = frozenset()) -> CurationSummary:
     """trees.jsonl -> pairs JSONL, written atomically (rerunning rewrites the same file)."""
     trees_path = Path(trees_path)
     if not trees_path.is_file():
@@ -162,7 +173,7 @@ def curate_file(trees_path: str | Path, out_path: str | Path, cfg: CurationConfi
             skipped[problem.split(" is ")[-1]] += 1  # a torn line from a killed run, for instance
             continue
         try:
-            tree_pairs, reason = curate_tree_pairs(tree, cfg)
+            tree_pairs, reason = curate_tree_pairs(tree, cfg, control_ids)
         except (KeyError, TypeError, ValueError) as exc:
             tree_pairs, reason = [], f"malformed tree ({type(exc).__name__}: {exc})"
         if not tree_pairs:

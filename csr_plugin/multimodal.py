@@ -25,6 +25,8 @@ API:
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -79,6 +81,51 @@ def image_token_id(config) -> int:
         if isinstance(value, int):
             return value
     raise UnsupportedModelError(f"{config.model_type} config names no image token id (image_token_id).")
+
+
+# Names of config / processor fields that hold a multimodal control token: image and video placeholders
+# and their delimiters (Qwen's vision start/end, Gemma3's begin/end of image, Idefics3's fake token).
+_CONTROL_NAME = re.compile(r"image|video|vision|boi|eoi|audio")
+
+
+def control_token_ids(config=None, processor=None) -> set[int]:
+    """Every token id the model's config or processor names for images, video and their delimiters.
+
+    None of them may be sampled, whatever the tokenizer marks as special: community tokenizers often
+    leave Qwen's <|video_pad|> and <|vision_end|> unflagged, and a sampled video token later fails
+    training inside Qwen's position ids (a video token with no video grid).
+    """
+    ids: set[int] = set()
+    if config is not None:
+        for name, value in config.to_dict().items():
+            if (name.endswith(("_token_id", "_token_index")) and _CONTROL_NAME.search(name)
+                    and isinstance(value, int) and not isinstance(value, bool)):
+                ids.add(value)
+    if processor is not None:
+        tokenizer = getattr(processor, "tokenizer", processor)
+        for owner in dict.fromkeys([processor, tokenizer]):
+            for name in dir(owner):
+                if name.startswith("_") or not _CONTROL_NAME.search(name):
+                    continue
+                if name.endswith("_token_id"):
+                    value = getattr(owner, name, None)
+                    ids.update([value] if isinstance(value, int) and not isinstance(value, bool) else [])
+                elif name.endswith("_token"):
+                    token = getattr(owner, name, None)
+                    token_id = tokenizer.convert_tokens_to_ids(str(token)) if isinstance(token, str) and token else None
+                    if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+                        ids.add(token_id)
+    return ids
+
+
+def model_control_token_ids(model_cfg) -> frozenset[int]:
+    """:func:`control_token_ids` of the checkpoint a recipe's `model:` section names (config and processor
+    only: no weights are loaded)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    config = AutoConfig.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
+    processor = AutoProcessor.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
+    return frozenset(control_token_ids(config, processor))
 
 
 def processor_image_token_id(processor) -> Optional[int]:

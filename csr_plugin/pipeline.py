@@ -25,6 +25,7 @@ from pathlib import Path
 from csr_plugin.accelerator import release_memory
 from csr_plugin.config import Recipe, load_recipe
 from csr_plugin.curation import curate_file
+from csr_plugin.multimodal import model_control_token_ids
 from csr_plugin.jsonl import JsonlAppender, load_records, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,8 @@ def run(config_path: str, overrides: list[str] | None = None, on_iteration=None)
         else:
             say(f"iteration {t}: already trained ({dpo_dir / 'final'}); sampling and DPO skipped")
         with _Timer(folder, "curate"):
-            curation = curate_file(folder / "trees.jsonl", folder / "pairs.jsonl", recipe.curation)
+            curation = curate_file(folder / "trees.jsonl", folder / "pairs.jsonl", recipe.curation,
+                                   model_control_token_ids(recipe.model))
         say(f"iteration {t}: {curation}")
         if not is_complete(dpo_dir):
             if curation.pairs < recipe.dpo.batch:

@@ -7,12 +7,15 @@ per-token tensors (Qwen's mm_token_type_ids and M-RoPE positions, Gemma3's
 token_type_ids) must not change a single log-prob.
 """
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from csr_plugin.config import ModelConfig
+from csr_plugin.multimodal import model_control_token_ids
 from csr_plugin.toy.tiny_families import FAMILIES, build_tiny_family
 from csr_plugin.training.data import MultimodalPreferenceDataset, load_processor
 
@@ -173,6 +176,12 @@ def test_sample_curate_train_dpo_eval_chain(family, family_root, tmp_path, tiny_
     from csr_plugin.cli import main
 
     path = _family(family_root, family)
+    if family == "qwen2_5_vl":   # a community-style tokenizer: its vision tokens are not flagged special
+        from test_control_tokens import unflag_vision_tokens
+
+        shutil.copytree(path, tmp_path / "unflagged")
+        path = tmp_path / "unflagged"
+        unflag_vision_tokens(path)
     if CHAIN[family]:   # a bf16 checkpoint: the LoRA merge must come back in bf16, not fp32
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16)
         path = tmp_path / "base"
@@ -197,6 +206,10 @@ def test_sample_curate_train_dpo_eval_chain(family, family_root, tmp_path, tiny_
                  "--config", str(config)]) == 0
     pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) >= 4 and all(p["chosen_token_ids"] and p["rejected_token_ids"] for p in pairs)
+    control = model_control_token_ids(ModelConfig(path=str(path)))
+    sampled = {t for line in (out / "trees.jsonl").read_text().splitlines()
+               for node in json.loads(line)["nodes"] for t in node["token_ids"]}
+    assert control and not sampled & control
 
     result = subprocess.run([sys.executable, "-m", "csr_plugin.cli", "train-dpo", "--config", str(config)],
                             cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=900)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from csr_plugin.accelerator import release_memory
 from csr_plugin.config import EvalConfig, ModelConfig
 from csr_plugin.eval.chair import chair, object_recall, per_response
 from csr_plugin.eval.objects import ObjectVocabulary
@@ -117,15 +118,6 @@ def evaluate(model_cfg: ModelConfig, cfg: EvalConfig, answers_path: Path | None 
     result["decoding"] = decoding_spec(cfg)
     result["eval_set"] = eval_set_spec(cfg)
     return result
-
-
-def release_memory() -> None:
-    """Hand the evaluator's memory back before the next stage (vLLM checks free GPU memory at start)."""
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def load_truth(path: str) -> dict[str, set[str]]:

@@ -47,7 +47,7 @@ from typing import Optional, Sequence
 from openrlhf.utils.agent import AgentExecutorBase
 
 from csr_plugin.config import Recipe
-from csr_plugin.multimodal import processor_image_token_id
+from csr_plugin.multimodal import control_token_ids
 from csr_plugin.openrlhf.env_recipe import recipe_from_env
 from csr_plugin.openrlhf.per_process import shared
 from csr_plugin.openrlhf.plain_rollout import is_plain, plain_params, response_tree
@@ -70,9 +70,13 @@ def _rules_for(processor, recipe: Recipe) -> VllmSentenceRules:
         eos_ids = set(eos) if isinstance(eos, (list, tuple, set)) else {eos}
         if None in eos_ids:
             raise ValueError("the tokenizer OpenRLHF passed defines no EOS token; set eos_token in its config.")
-        image_token = processor_image_token_id(processor)
+        from transformers import AutoConfig
+
+        # the model's own config names the control tokens the processor may not (Qwen's vision start/end)
+        config = AutoConfig.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
         return VllmSentenceRules(tokenizer, recipe.search, eos_ids,
-                                 never_sampled_ids(tokenizer, eos_ids, image_token, len(tokenizer)))
+                                 never_sampled_ids(tokenizer, eos_ids, control_token_ids(config, processor),
+                                                   len(tokenizer)))
 
     return shared(key, build)
 

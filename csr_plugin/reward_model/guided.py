@@ -328,6 +328,7 @@ def guided_decode_naive(policy, reward_model: MultimodalRewardModel, prompts: Se
 
 def setup_for(processor, policy) -> DecodeSetup:
     """EOS, pad and the never-emitted special tokens of a policy, as the sampling engine takes them."""
+    from csr_plugin.multimodal import control_token_ids
     from csr_plugin.sampling.engine import never_sampled_ids
 
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -337,7 +338,7 @@ def setup_for(processor, policy) -> DecodeSetup:
     if not eos:
         raise ValueError("the policy's tokenizer defines no EOS token; set eos_token in its tokenizer config.")
     vocab = policy.get_output_embeddings().weight.shape[0]
-    banned = never_sampled_ids(tokenizer, eos, getattr(policy.config, "image_token_id", None), vocab)
+    banned = never_sampled_ids(tokenizer, eos, control_token_ids(policy.config, processor), vocab)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     return DecodeSetup(eos_ids=eos, pad_id=pad, banned_ids=frozenset(banned))
 

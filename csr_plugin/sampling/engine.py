@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Protocol, Sequence
+from typing import Any, Iterable, Literal, Optional, Protocol, Sequence
 
 WORD_CHARS = re.compile(r"\w")   # a sentence needs one of these for CLIP to have anything to score
 
@@ -66,10 +66,12 @@ class SentenceEngine(Protocol):
     def expand(self, requests: Sequence[Expansion]) -> list[list[Continuation]]: ...
 
 
-def never_sampled_ids(tokenizer, eos_ids: set[int], image_token_id: Optional[int], vocab_size: int) -> set[int]:
-    """Special tokens other than EOS (image placeholder, pad, bos): never generated, since a
-    sampled <image> token in a prefix would break the next prefill."""
-    special = set(tokenizer.all_special_ids) | {image_token_id}
+def never_sampled_ids(tokenizer, eos_ids: set[int], control_ids: Iterable[int], vocab_size: int) -> set[int]:
+    """Special tokens other than EOS (pad, bos) and every multimodal control token the model names
+    (``multimodal.control_token_ids``: image and video placeholders and their delimiters, flagged
+    special or not): never generated, since a sampled <image> token in a prefix would break the
+    next prefill and a sampled video token breaks training."""
+    special = set(tokenizer.all_special_ids) | set(control_ids)
     return {i for i in special - set(eos_ids) if isinstance(i, int) and 0 <= i < vocab_size}
 
 

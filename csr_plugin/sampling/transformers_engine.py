@@ -20,7 +20,7 @@ import torch
 
 from csr_plugin.config import ModelConfig, SearchConfig
 from csr_plugin.model_source import check_model_path, context_length, dtype_name
-from csr_plugin.multimodal import batch_inputs, chat_prompt, encode_prompt, family_of, mrope_positions
+from csr_plugin.multimodal import batch_inputs, chat_prompt, control_token_ids, encode_prompt, family_of, mrope_positions
 from csr_plugin.reward.clip_relevance import resolve_device
 from csr_plugin.sampling.engine import (Continuation, EncodedPrompt, Expansion, added_text, never_sampled_ids,
                                        stable_seed)
@@ -113,7 +113,7 @@ class TransformersEngine:
         self.sentence_end_mask[[i for i in end_ids if i < vocab]] = True
         self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=self.device)
         self.eos_mask[[i for i in self.eos_ids if i < vocab]] = True
-        banned = never_sampled_ids(self.tokenizer, self.eos_ids, getattr(model.config, "image_token_id", None), vocab)
+        banned = never_sampled_ids(self.tokenizer, self.eos_ids, control_token_ids(model.config, processor), vocab)
         self.banned_mask = torch.zeros(vocab, dtype=torch.bool, device=self.device)
         self.banned_mask[list(banned)] = True
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)

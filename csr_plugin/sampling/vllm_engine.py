@@ -34,7 +34,7 @@ from typing import Sequence
 
 from csr_plugin.config import ConfigError, ModelConfig, SearchConfig
 from csr_plugin.model_source import check_model_path, vllm_dtype
-from csr_plugin.multimodal import chat_prompt, processor_image_token_id
+from csr_plugin.multimodal import chat_prompt, control_token_ids
 from csr_plugin.sampling.engine import (Continuation, EncodedPrompt, Expansion, FinishReason, added_text,
                                        never_sampled_ids)
 from csr_plugin.sampling.sentence_end import sentence_end_token_ids
@@ -226,7 +226,8 @@ class VllmEngine:
             eos_ids.add(self.tokenizer.eos_token_id)
         if not eos_ids:
             raise ValueError("the model's tokenizer defines no EOS token; set eos_token in its tokenizer config.")
-        banned = never_sampled_ids(self.tokenizer, eos_ids, processor_image_token_id(self.processor), len(self.tokenizer))
+        banned = never_sampled_ids(self.tokenizer, eos_ids, control_token_ids(_model_config(llm).hf_config, processor),
+                                   len(self.tokenizer))
         self.rules = VllmSentenceRules(self.tokenizer, search, eos_ids, banned)
 
     @classmethod

@@ -225,8 +225,6 @@ def _cmd_recipe_show(args: argparse.Namespace) -> int:
     if args.check:
         checked = check(recipe, args.recipe, args.overrides)
         print(f"# flags checked by the entry points that run them: {'; '.join(checked)}")
-        if len(checked) == 1:
-            print("# PPO not checked: the recipe has no ppo: section")
     return 0
 
 

@@ -17,7 +17,8 @@ def _csr(*parts: str) -> str:
     return shlex.join(["csr", *parts])
 
 
-def dpo_iteration(recipe: Recipe, config_path: str, overrides: list[str], t: int) -> dict[str, list[str]]:
+def dpo_iteration(recipe: Recipe, config_path: str, overrides: list[str], t: int,
+                  gpu: bool) -> dict[str, list[str]]:
     """Iteration t of `csr run`: the folders and models pipeline.run uses (iterate t-1 samples and is the reference)."""
     out = Path(recipe.output_dir) / f"iter_{t}"
     model = recipe.model.path if t == 1 else str(Path(recipe.output_dir) / f"iter_{t - 1}" / "dpo" / "final")
@@ -28,46 +29,95 @@ def dpo_iteration(recipe: Recipe, config_path: str, overrides: list[str], t: int
         "curate": ["curate", "--trees", str(out / "trees.jsonl"), "--out", pairs, "--config", config_path,
                    *overrides],
         "dpo": worker_command(recipe, config_path, overrides, model, pairs, dpo_dir),
-        "openrlhf_dpo_flags": to_argv(_openrlhf_dpo_flags(recipe, model, pairs, dpo_dir)),
+        "openrlhf_dpo_flags": to_argv(_openrlhf_dpo_flags(recipe, model, pairs, dpo_dir, gpu)),
     }
 
 
-def _openrlhf_dpo_flags(recipe: Recipe, model: str, pairs: str, dpo_dir: str) -> dict:
-    """Our DPO ranks' flags as OpenRLHF's train_dpo CLI would take them, for the GPU cluster the commands
-    are meant for whatever machine prints them. Its CLI has no fp32 (our CPU worker runs fp32): an
-    explicit `dpo.dtype: fp32` is left to OpenRLHF's default there."""
-    flags = dpo_flags(recipe.dpo, model, pairs, dpo_dir, gpu=True)
+def _openrlhf_dpo_flags(recipe: Recipe, model: str, pairs: str, dpo_dir: str, gpu: bool) -> dict:
+    """Our DPO ranks' flags as OpenRLHF's train_dpo CLI would take them. Its CLI has no fp32 (our CPU
+    worker runs fp32): there the flag is left out, and show() says which dtype the ranks use."""
+    flags = dpo_flags(recipe.dpo, model, pairs, dpo_dir, gpu=gpu)
     if flags["ds.param_dtype"] == "fp32":
         del flags["ds.param_dtype"]
     return flags
 
 
-def show(recipe: Recipe, config_path: str, overrides: list[str]) -> str:
-    from csr_plugin.openrlhf.reward_server import remote_url
+def pipelines(config_path: str, overrides: list[str]) -> list[str]:
+    """What a recipe runs, in the order show() prints it: "dpo" (the CSR-DPO loop: a dpo: or loop: section),
+    "rm" (`csr train-rm`), "ppo" (`csr train-ppo`), "eval" (`csr eval`: eval.prompts set or eval. overrides).
+    A section the recipe leaves out holds only defaults, which nothing of the recipe runs."""
+    has = {s: uses_section(config_path, overrides, s) for s in ("dpo", "loop", "rm", "ppo", "eval")}
+    return [name for name, present in (("dpo", has["dpo"] or has["loop"]), ("rm", has["rm"]),
+                                       ("ppo", has["ppo"]), ("eval", has["eval"])) if present]
 
-    step = dpo_iteration(recipe, config_path, overrides, 1)
-    lines = [
-        f"# CSR-DPO loop: {recipe.loop.iterations} iterations, all stages resumable",
-        _csr("run", "--config", config_path, *overrides),
-        "",
-        "# which runs, for iteration t = 1 (later iterations sample with and train from iter_<t-1>/dpo/final):",
-        _csr(*step["sample"]),
-        _csr(*step["curate"]),
-        shlex.join(step["dpo"]),
-        "# the DPO ranks build OpenRLHF's DeepspeedStrategy and DPOTrainer from these train_dpo flags:",
-        "#   " + shlex.join(step["openrlhf_dpo_flags"]),
-        "",
-        f"# sampling on a Ray cluster instead ({recipe.search.engine} engine per actor):",
-        _csr("sample", "--config", config_path, *overrides, "--ray", "--actors", "8", "--ray-address", "auto"),
-        "# or on OpenRLHF's vLLM rollout actors running our agent executor (the PPO rollout code):",
-        _csr("sample", "--config", config_path, *overrides, "--ray", "--openrlhf", "--actors", "8",
-             "--ray-address", "auto"),
-        "",
-        f"# PPO / REINFORCE with CSR rollouts (estimator {recipe.ppo.estimator}, "
-        f"{'step-wise' if recipe.ppo.dense_rewards else 'one scalar per response'} rewards); "
-        "`csr train-ppo --config ...` does both on a local Ray:",
-        *ppo_commands(recipe, config_path, overrides),
-        "",
+
+def stage_dtypes(recipe: Recipe, gpu: bool) -> dict[str, str]:
+    """The dtype each stage computes in on a machine with (``gpu``) or without a CUDA GPU, as the code that
+    runs the stage resolves it: sampling and eval as model_source.dtype_name (vLLM as vllm_dtype), DPO and
+    the reward model as training/openrlhf_args.param_dtype. PPO's is its --ds.param_dtype flag (show())."""
+    from csr_plugin.model_source import dtype_name, vllm_dtype
+    from csr_plugin.reward_model.train_main import as_dpo_config
+    from csr_plugin.training.openrlhf_args import param_dtype
+
+    # a transformers engine on model.device: cpu computes in float32 whatever the machine has
+    engine_gpu = gpu and recipe.model.device != "cpu"
+    sampling = (vllm_dtype(recipe.model.dtype) if recipe.search.engine == "vllm"
+                else dtype_name(recipe.model.dtype, engine_gpu))
+    return {"sample": sampling, "eval": dtype_name(recipe.model.dtype, engine_gpu),
+            "dpo": param_dtype(recipe.dpo, gpu), "rm": param_dtype(as_dpo_config(recipe.rm), gpu)}
+
+
+def show(recipe: Recipe, config_path: str, overrides: list[str], gpu: bool | None = None) -> str:
+    """The commands of the pipelines the recipe has (pipelines()), each with the dtype it uses on this
+    machine (``gpu``: whether torch sees a CUDA GPU; None = ask torch)."""
+    from csr_plugin.openrlhf.reward_server import remote_url
+    from csr_plugin.training.device import on_gpu
+
+    gpu = on_gpu() if gpu is None else gpu
+    has = pipelines(config_path, overrides)
+    dtypes = stage_dtypes(recipe, gpu)
+    here = "a CUDA GPU" if gpu else "CPU only (torch sees no CUDA GPU)"
+    names = {"dpo": f"CSR-DPO loop ({recipe.loop.iterations} iterations)", "rm": "reward model",
+             "ppo": f"PPO ({recipe.ppo.estimator})", "eval": "evaluation"}
+    lines = [f"# {config_path}: {', '.join(names[p] for p in has) or 'sampling only'}; here: {here}", ""]
+    if "dpo" in has:
+        step = dpo_iteration(recipe, config_path, overrides, 1, gpu)
+        lines += [
+            "# the CSR-DPO loop, all stages resumable:",
+            _csr("run", "--config", config_path, *overrides),
+            "# which runs, for iteration t = 1 (later iterations sample with and train from iter_<t-1>/dpo/final):",
+            _csr(*step["sample"]) + f"   # {recipe.search.engine} engine, {dtypes['sample']}",
+            _csr(*step["curate"]),
+            shlex.join(step["dpo"]) + f"   # DPO in {dtypes['dpo']}",
+            "# the DPO ranks build OpenRLHF's DeepspeedStrategy and DPOTrainer from these train_dpo flags:",
+            "#   " + shlex.join(step["openrlhf_dpo_flags"]),
+            "",
+            f"# sampling on a Ray cluster instead ({recipe.search.engine} engine per actor):",
+            _csr("sample", "--config", config_path, *overrides, "--ray", "--actors", "8", "--ray-address", "auto"),
+            "# or on OpenRLHF's vLLM rollout actors running our agent executor (the PPO rollout code):",
+            _csr("sample", "--config", config_path, *overrides, "--ray", "--openrlhf", "--actors", "8",
+                 "--ray-address", "auto"),
+            "",
+        ]
+    elif "ppo" not in has:   # a recipe with neither loop: what `csr sample` does with it
+        lines += [f"# CSR sampling ({recipe.search.engine} engine, {dtypes['sample']}):",
+                  _csr("sample", "--config", config_path, *overrides), ""]
+    if "rm" in has:
+        lines += [f"# the reward model (`rm:` section), {dtypes['rm']}; --pairs or rm.pairs:",
+                  _csr("train-rm", "--config", config_path, *overrides), ""]
+    if "ppo" in has:
+        from csr_plugin.openrlhf.ppo import ppo_flags
+
+        # OpenRLHF's PPO trains bf16 or fp16 only, on a CPU too (docs/ppo.md, "Without CUDA")
+        dtypes["ppo"] = ppo_flags(recipe, "prompts.jsonl")["ds.param_dtype"]
+        lines += [f"# PPO / REINFORCE with CSR rollouts (estimator {recipe.ppo.estimator}, "
+                  f"{'step-wise' if recipe.ppo.dense_rewards else 'one scalar per response'} rewards, "
+                  f"{dtypes['ppo']}); `csr train-ppo --config ...` does both on a local Ray:",
+                  *ppo_commands(recipe, config_path, overrides), ""]
+    if "eval" in has:
+        lines += [f"# hallucination of a checkpoint (CHAIR, POPE; {dtypes['eval']}):",
+                  _csr("eval", "--config", config_path, *overrides, "--model", "CHECKPOINT"), ""]
+    lines += [
         "# reward only, for an OpenRLHF run of your own (one calibrated reward per response):",
         f"#   --reward.remote_url {Path(__file__).parent / 'openrlhf' / 'reward_func.py'}   (with CSR_RECIPE set)",
         "#   or: " + _csr("serve-reward", "--config", config_path, *overrides) +

@@ -33,8 +33,8 @@ def test_recipe_starts_with_its_launch_command(path):
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_commands_pass_openrlhf_parsers(path):
     recipe = load_recipe(path, [])
-    text = show(recipe, str(path), [])
-    assert f"csr run --config {path}" in text
+    # the PPO commands whatever the recipe (show() prints them only for a recipe with a ppo: section)
+    text = show(recipe, str(path), ["ppo.episodes=1"])
     ray_line = next(line for line in text.splitlines() if line.startswith("ray job submit"))
     argv = shlex.split(ray_line)
     entry = argv[argv.index("--") + 1:]

@@ -273,9 +273,10 @@ def runs_on_cpu(recipe: Recipe) -> bool:
     """
     import ray
 
-    from csr_plugin.openrlhf.ppo_on_cpu import ENV_VAR
-
     if ray.is_initialized():
+        # imported here only: ppo_on_cpu imports OpenRLHF and vLLM, whose import noise would reach the terminal
+        from csr_plugin.openrlhf.ppo_on_cpu import ENV_VAR
+
         return ray.get_runtime_context().runtime_env.get("env_vars", {}).get(ENV_VAR) == "1"
     if not recipe.ppo.ray_address:
         import torch

@@ -41,6 +41,23 @@ def partition_while_loading() -> bool:
     return on_gpu()
 
 
+def fused_adam_buildable() -> bool:
+    """Whether DeepSpeed's FusedAdam can run here: prebuilt at install (DS_BUILD_FUSED_ADAM=1, which
+    scripts/setup_env.sh does where nvcc is), or an nvcc to compile it at first use. Where neither, the
+    ranks train with torch's AdamW, said once per rank."""
+    import logging
+    import shutil
+
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get("fused_adam") or shutil.which("nvcc") or (
+            os.environ.get("CUDA_HOME") and os.path.exists(os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc"))):
+        return True
+    logging.getLogger(__name__).warning("DeepSpeed's FusedAdam is not prebuilt and there is no nvcc to build it: "
+                                        "training with torch's AdamW (the same update; docs/install.md)")
+    return False
+
+
 def _barrier_and_sync() -> None:
     dist.barrier()
     if on_gpu():
@@ -112,9 +129,10 @@ def make_strategy(args):
 
         def get_ds_train_config(self, optim_dict=None, *, max_norm=None):
             config = super().get_ds_train_config(optim_dict, max_norm=max_norm)
-            if not on_gpu() and "optimizer" in config:
-                # DeepSpeed's FusedAdam is a CUDA kernel (its CPU build compiles C++ at start-up):
-                # plain torch AdamW is the same update.
+            if "optimizer" in config and (not on_gpu() or not fused_adam_buildable()):
+                # DeepSpeed's FusedAdam is a CUDA kernel (its CPU build compiles C++ at start-up; on a GPU
+                # it is compiled at first use, with nvcc, unless setup prebuilt it): plain torch AdamW is
+                # the same update.
                 config["optimizer"]["params"]["torch_adam"] = True
             return _gather_sequentially_on_cpu(config)
 

@@ -44,7 +44,7 @@ def partition_while_loading() -> bool:
 def fused_adam_buildable() -> bool:
     """Whether DeepSpeed's FusedAdam can run here: prebuilt at install (DS_BUILD_FUSED_ADAM=1, which
     scripts/setup_env.sh does where nvcc is), or an nvcc to compile it at first use. Where neither, the
-    ranks train with torch's AdamW, said once per rank."""
+    ranks train with torch's AdamW, said in each rank's log."""
     import logging
     import shutil
 

@@ -285,6 +285,13 @@ class DPOConfig:
                             default=1.0)
     zero_stage: int = _help("DeepSpeed ZeRO stage: 3 partitions parameters, 2 only optimizer state and "
                             "gradients.", default=3)
+    zero3_init: Literal["auto", "on", "off"] = _help(
+        "With zero_stage 3, load the policy and reference straight into their ZeRO-3 partitions (transformers' "
+        "HfDeepSpeedConfig / DeepSpeed zero.Init), so no rank builds the whole model in memory. off = every "
+        "rank loads the whole model and DeepSpeed partitions it when training starts (full fine-tuning ends with "
+        "the same weights). auto = on whenever zero_stage is 3, on CPU (gloo) and GPU alike; on = the same, "
+        "refused for zero_stage < 3.",
+        default="auto")
     nproc: int = _help("Processes `csr train-dpo` starts on this machine (GPUs, or CPU ranks with gloo).",
                        default=2)
     hostfile: Optional[str] = _help("DeepSpeed hostfile for multi-node runs (see docs/distributed.md).",
@@ -332,6 +339,9 @@ class DPOConfig:
     def validate(self, where: str) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"`{where}.zero_stage` must be 0, 1, 2 or 3, got {self.zero_stage}.")
+        if self.zero3_init == "on" and self.zero_stage != 3:
+            raise ConfigError(f"`{where}.zero3_init: on` loads the model into ZeRO-3 partitions, but "
+                              f"`{where}.zero_stage` is {self.zero_stage}: set zero_stage: 3, or zero3_init: auto.")
         _at_least(self, where, 1, ("nproc", "epochs", "micro_batch", "batch", "max_len", "kl_chunk"))
         _at_least(self, where, 0, ("lora_rank", "ckpt_steps", "hf_ckpt_steps", "weight_decay", "max_norm"))
         if not self.lora_merge and self.lora_rank == 0:

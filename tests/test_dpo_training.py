@@ -100,6 +100,7 @@ def test_two_rank_zero3_dpo_learns_the_preference(tmp_path, tiny_recipe_dict, ha
     ranks_log = (tmp_path / "dpo" / "logs" / "dpo.log").read_text()    # quiet default: the ranks print there
     held = re.search(r"ZeRO-3: rank 0 holds (\d+)/(\d+) parameter elements", ranks_log)
     assert held and 0.45 < int(held.group(1)) / int(held.group(2)) < 0.55, "ZeRO-3 must split parameters 2 ways"
+    assert _held_after_loading(ranks_log, "auto") == 0.5, "dpo.zero3_init: auto loads into partitions, as on GPUs"
 
     rows = [json.loads(line) for line in (tmp_path / "dpo" / "dpo_metrics.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in rows] == list(range(1, 9))
@@ -111,19 +112,129 @@ def test_two_rank_zero3_dpo_learns_the_preference(tmp_path, tiny_recipe_dict, ha
     base, final = tiny_recipe_dict["model"]["path"], str(tmp_path / "dpo" / "final")
     assert _mean_logp_margin(final, hand_pairs) > _mean_logp_margin(base, hand_pairs) + 1.0
 
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     before = AutoModelForImageTextToText.from_pretrained(base)
     after = AutoModelForImageTextToText.from_pretrained(final)
     changed = {n for (n, a), b in zip(after.named_parameters(), before.parameters()) if not torch.equal(a, b)}
     assert any("language_model" in n for n in changed)
     assert not any("vision_tower" in n for n in changed), "dpo.freeze_vision keeps the vision tower fixed"
+    _assert_samples(final)
+
+
+def _assert_samples(final) -> dict:
+    """final/ loads as a plain HF checkpoint with its processor and generates; returns its parameters."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(final, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(final)
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {
         "type": "text", "text": "Describe the image."}]}], add_generation_prompt=True, tokenize=False)
     inputs = processor(images=Image.new("RGB", (32, 32), (200, 30, 30)), text=text, return_tensors="pt")
-    out = after.generate(**inputs, max_new_tokens=6, do_sample=False)
+    out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
+    return dict(model.named_parameters())
+
+
+def _held_after_loading(ranks_log: str, setting: str) -> float:
+    """The share of the parameters rank 0 held right after loading, as dpo_main prints it."""
+    held = re.search(rf"ZeRO-3 load \(dpo.zero3_init: {setting}\): rank 0 holds (\d+)/(\d+)", ranks_log)
+    assert held, f"no ZeRO-3 load line for zero3_init {setting} in the ranks' log"
+    return round(int(held.group(1)) / int(held.group(2)), 2)
+
+
+def _train(tmp_path, tiny_recipe_dict, pairs, name: str, **dpo) -> tuple[Path, str]:
+    """`csr train-dpo` on 2 gloo ranks, ZeRO-3: 8 pairs, batch 4 = 2 optimizer steps. -> output, ranks' log."""
+    recipe = json.loads(json.dumps(tiny_recipe_dict))
+    recipe["output_dir"] = str(tmp_path / name)
+    recipe["dpo"] = {"pairs": str(pairs), "nproc": 2, "zero_stage": 3, "batch": 4, "micro_batch": 1, "epochs": 1,
+                     "lr": 1.0e-3, "warmup_ratio": 0.0, "ckpt_steps": 0, **dpo}
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+    # ~20 s here; 300 s catches a hang (the LoRA merge under a live ZeRO-3 config waited forever)
+    result = subprocess.run([sys.executable, "-m", "csr_plugin.cli", "train-dpo", "--config",
+                             str(tmp_path / f"{name}.yaml")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    log = tmp_path / name / "logs" / "dpo.log"
+    ranks_log = log.read_text() if log.exists() else ""
+    assert result.returncode == 0, result.stderr[-3000:] + ranks_log[-3000:]
+    return tmp_path / name, ranks_log
+
+
+_EXACT_LOADS = r"""
+import sys
+import deepspeed, torch
+from transformers import AutoModelForImageTextToText
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from csr_plugin.config import recipe_from_dict
+from csr_plugin.training.device import make_strategy
+from csr_plugin.training.dpo_main import load_actor
+from csr_plugin.training.openrlhf_args import as_namespace, dpo_flags
+
+path, loads = sys.argv[1], int(sys.argv[2])
+recipe = recipe_from_dict({"model": {"path": path}, "output_dir": "unused", "dpo": {"zero3_init": "on"}})
+strategy = make_strategy(as_namespace(dpo_flags(recipe.dpo, path, "p.jsonl", "unused")))
+strategy.setup_distributed()
+whole = dict(AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).named_parameters())
+for _ in range(loads):
+    model = load_actor(path, recipe.dpo, strategy.get_ds_train_config(), True).model
+    assert not is_deepspeed_zero3_enabled(), "the ZeRO-3 config must not outlive the load"
+    for name, param in model.named_parameters():
+        assert hasattr(param, "ds_tensor"), f"{name} was not partitioned as it loaded"
+        with deepspeed.zero.GatheredParameters([param]):
+            assert torch.equal(param.data, whole[name]), f"{name} is not the checkpoint's after the load"
+print("exact loads:", loads)
+"""
+
+
+def test_zero3_init_loads_exactly_the_checkpoint_on_gloo(tmp_path, tiny_recipe_dict):
+    """The partitioned load on 2 gloo ranks, 10 times: every parameter partitioned and, gathered, equal to
+    the checkpoint; transformers' ZeRO-3 switch off again afterwards. With ZeRO-3's coalesced gather 9
+    loads in 20 had a corrupted tensor, so 10 clean loads in a row would happen by chance 0.3% of the time."""
+    script = tmp_path / "exact_loads.py"
+    script.write_text(_EXACT_LOADS)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(script), tiny_recipe_dict["model"]["path"], "10"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "exact loads: 10" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_zero3_init_on_needs_zero_stage_3(tiny_recipe_dict):
+    from csr_plugin.config import ConfigError, recipe_from_dict
+
+    with pytest.raises(ConfigError, match=r"`dpo.zero3_init: on`.*`dpo.zero_stage` is 2"):
+        recipe_from_dict({**tiny_recipe_dict, "dpo": {"zero3_init": "on", "zero_stage": 2}})
+    assert recipe_from_dict({**tiny_recipe_dict, "dpo": {"zero_stage": 2}}).dpo.zero3_init == "auto"
+
+
+def test_zero3_init_loads_into_partitions_and_trains_the_same_weights_as_a_whole_load(
+        tmp_path, tiny_recipe_dict, hand_pairs):
+    """dpo.zero3_init on (transformers' zero.Init load, on gloo) vs off (each rank loads the whole model,
+    DeepSpeed partitions it at engine start): the same checkpoint values in the same partitions and the
+    same parameter order, so the same gradients and updates. Exact equality, no tolerance (observed: every
+    tensor and every logged number identical)."""
+    on, on_log = _train(tmp_path, tiny_recipe_dict, hand_pairs, "on", zero3_init="on")
+    off, off_log = _train(tmp_path, tiny_recipe_dict, hand_pairs, "off", zero3_init="off")
+    assert _held_after_loading(on_log, "on") == 0.5 and _held_after_loading(off_log, "off") == 1.0
+    assert (on / "dpo_metrics.jsonl").read_text() == (off / "dpo_metrics.jsonl").read_text()
+    trained, whole = _assert_samples(on / "final"), _assert_samples(off / "final")
+    differ = {name: float((trained[name] - whole[name]).abs().max()) for name in whole
+              if not torch.equal(trained[name], whole[name])}
+    assert trained.keys() == whole.keys() and not differ, f"zero3_init on vs off differ (max abs diff): {differ}"
+    base = _assert_samples(tiny_recipe_dict["model"]["path"])
+    assert any(not torch.equal(trained[n], base[n]) for n in base if "language_model" in n), "2 steps trained"
+
+
+def test_zero3_init_lora_merges_into_a_whole_checkpoint(tmp_path, tiny_recipe_dict, hand_pairs):
+    """LoRA under the partitioned load, merged at the end: rank 0 loads the base model for the merge while
+    the others wait, so no ZeRO-3 config may be left to put that load inside zero.Init (it hung)."""
+    out, ranks_log = _train(tmp_path, tiny_recipe_dict, hand_pairs, "lora", zero3_init="on", lora_rank=8,
+                            lora_alpha=16)
+    assert _held_after_loading(ranks_log, "on") < 0.6   # the base weights halved; the LoRA matrices are whole
+    final = out / "final"
+    assert (final / ".complete").exists() and not list(final.glob("adapter_*")), "merged: no adapter left"
+    merged, base = _assert_samples(final), _assert_samples(tiny_recipe_dict["model"]["path"])
+    assert merged.keys() == base.keys()
+    changed = {n for n in base if not torch.equal(merged[n], base[n])}
+    assert changed and all("language_model" in n for n in changed), "LoRA adapts the language model only"
 
 
 _PEAK_RSS = r"""

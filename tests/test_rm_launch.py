@@ -139,7 +139,7 @@ def test_rm_gradient_checkpointing_recomputes_the_layers_with_the_same_gradients
     ds_config = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}
     recipe = _recipe(gradient_checkpointing=True, openrlhf={"ds.attn_implementation": "eager"})
     args = as_namespace(rm_flags(recipe.rm, path, "p", str(tmp_path), gpu=False))
-    backbone, _ = load_reward_backbone(path, recipe.rm, args, ds_config, False)
+    backbone = load_reward_backbone(path, recipe.rm, args, ds_config, False)
     assert backbone.config.get_text_config()._attn_implementation == "eager"   # the passthrough loaded
     torch.manual_seed(0)
     model = MultimodalRewardModel(backbone, "linear").train()

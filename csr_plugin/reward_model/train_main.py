@@ -111,7 +111,7 @@ def load_reward_backbone(model_path: str, cfg: RewardModelConfig, args, ds_confi
         # called through the inner model as MultimodalRewardModel does
         actor.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": args.model.gradient_checkpointing_reentrant})
-    return actor.model, getattr(actor, "_hf_zero3_config", None)
+    return actor.model
 
 
 def to_device(batch: dict) -> dict:
@@ -209,9 +209,8 @@ def train_rm(recipe: Recipe, model_path: str, pairs: str, out_dir: str) -> None:
     processor = load_processor(model_path, recipe.model.trust_remote_code)
     base = MultimodalPreferenceDataset(pairs, processor, cfg.max_len)
     train_idx, eval_idx = split_by_id(pair_ids(base), cfg.eval_fraction)
-    # zero3_config is held to the end: transformers keeps the ZeRO-3 config only by weak reference
-    backbone, zero3_config = load_reward_backbone(model_path, cfg, args, strategy.get_ds_train_config(),
-                                                  recipe.model.trust_remote_code)
+    backbone = load_reward_backbone(model_path, cfg, args, strategy.get_ds_train_config(),
+                                    recipe.model.trust_remote_code)
     torch.manual_seed(cfg.seed)   # the head's initialisation, the same on every rank
     model = MultimodalRewardModel(backbone, cfg.head)
     train_set = RewardPairs(base, train_idx, backbone.config, cfg.batch, cfg.partial)
@@ -279,7 +278,6 @@ def train_rm(recipe: Recipe, model_path: str, pairs: str, out_dir: str) -> None:
     save_final(strategy, engine, processor, cfg, out / "final", info)
     if strategy.is_rank_0():
         shutil.rmtree(args.ckpt.path, ignore_errors=True)   # it only served to resume this run, now done
-    del zero3_config   # (held until here on purpose, see above)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ On a GPU everything below defers to OpenRLHF unchanged.
 """
 from __future__ import annotations
 
+import copy
 import os
 from datetime import timedelta
 
@@ -30,15 +31,17 @@ def comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if on_gpu() else torch.device("cpu")
 
 
-def partition_while_loading() -> bool:
-    """Whether ZeRO-3 models load straight into partitions (transformers' zero.Init path).
+def zero3_load_config(ds_config: dict) -> dict:
+    """The DeepSpeed config a ZeRO-3 model loads under (transformers' HfDeepSpeedConfig -> zero.Init).
 
-    On CPU/gloo that path corrupts a few random parameters (the modifier-rank broadcast in
-    GatheredParameters; seen with DeepSpeed 0.19.6, torch 2.14, 2 ranks: about one run in
-    two had a tensor of garbage). There each rank loads the whole model and DeepSpeed
-    partitions it when the engine starts - fine for the models a CPU can train anyway.
+    The partitioned load gathers each module's parameters, lets rank 0 copy the checkpoint into them
+    and broadcasts them. zero.Init reads its gather mode from this config: with the coalesced gather
+    (see _gather_sequentially_on_cpu) a gloo gather could land after rank 0's copy and overwrite it
+    (9 of 20 loads of the tiny VLM on 2 ranks had a tensor back at its init values or of garbage;
+    sequential: 0 of 100). The strategy's configs already gather sequentially on CPU; this keeps the
+    load exact whatever config a caller passes (a copy: the caller's is not changed).
     """
-    return on_gpu()
+    return _gather_sequentially_on_cpu(copy.deepcopy(ds_config))
 
 
 def fused_adam_buildable() -> bool:

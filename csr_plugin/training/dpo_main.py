@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from csr_plugin.config import DPOConfig, Recipe, load_recipe
 from csr_plugin.training.checkpoints import (COMPLETE, hf_checkpoint_dir, remove_ds_ckpt, save_hf,
                                              save_last_ds_ckpt)
-from csr_plugin.training.device import make_strategy, partition_while_loading
+from csr_plugin.training.device import make_strategy, zero3_load_config
 from csr_plugin.training.openrlhf_args import as_namespace, dpo_flags
 from csr_plugin.training.rank_cli import rank_arguments
 from csr_plugin.training.tracking import check_wandb_login, wandb_env
@@ -47,33 +48,53 @@ def _language_model_linears(model) -> list[str]:
             and not any(part in name for part in _VISION_PARTS) and "projector" not in name]
 
 
-def load_actor(path: str, cfg: DPOConfig, ds_config: dict, trainable: bool, trust_remote_code: bool = False):
-    """OpenRLHF's Actor around a VLM we load ourselves (OpenRLHF's loader forces trust_remote_code=True)."""
-    from openrlhf.models import Actor
+@contextmanager
+def _zero3_init_scope(ds_config: dict, setting: str):
+    """Models built inside load straight into ZeRO-3 partitions (transformers' zero.Init path): each rank
+    keeps its share only, a module's parameters gathered while rank 0 copies them in. transformers reads its DeepSpeed config from a global weak reference;
+    it is dropped on exit, as OpenRLHF's Actor scopes it to its __init__: under it, any later
+    from_pretrained (checkpoints.merge_lora, rank 0 only) would run inside zero.Init, whose collectives
+    the other ranks never join (a hang)."""
+    if ds_config["zero_optimization"]["stage"] != 3 or setting == "off":
+        yield
+        return
     from openrlhf.models.actor import _patch_zero3_weight_mapping
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    _patch_zero3_weight_mapping()
+    config = HfDeepSpeedConfig(zero3_load_config(ds_config))
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del config
+
+
+def load_actor(path: str, cfg: DPOConfig, ds_config: dict, trainable: bool, trust_remote_code: bool = False):
+    """OpenRLHF's Actor around a VLM we load ourselves (OpenRLHF's loader forces trust_remote_code=True).
+    With ZeRO-3 and ``cfg.zero3_init`` auto/on the parameters are partitioned as they load."""
+    from openrlhf.models import Actor
     from openrlhf.models.utils import set_z3_leaf_modules
     from transformers import AutoModelForImageTextToText
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-    zero3 = ds_config["zero_optimization"]["stage"] == 3 and partition_while_loading()
-    if zero3:  # parameters are partitioned as they load, never materialised whole on one rank
-        _patch_zero3_weight_mapping()
-        zero3_config = HfDeepSpeedConfig(ds_config)
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                        attn_implementation=cfg.attn_implementation)
-    if trainable and cfg.freeze_vision:
-        for name, param in model.named_parameters():
-            if any(part in name for part in _VISION_PARTS):
-                param.requires_grad = False
-    if trainable and cfg.lora_rank > 0:
-        from peft import LoraConfig, get_peft_model
+    with _zero3_init_scope(ds_config, cfg.zero3_init):
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                            attn_implementation=cfg.attn_implementation)
+        if trainable and cfg.freeze_vision:
+            for name, param in model.named_parameters():
+                if any(part in name for part in _VISION_PARTS):
+                    param.requires_grad = False
+        if trainable and cfg.lora_rank > 0:
+            # inside the scope, as OpenRLHF's Actor: PEFT's inits that read the base weights (PiSSA, OLoRA)
+            # gather them only while transformers reports ZeRO-3
+            from peft import LoraConfig, get_peft_model
 
-        targets = _language_model_linears(model) if cfg.lora_targets == ["all-linear"] else cfg.lora_targets
-        model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                                 lora_dropout=cfg.lora_dropout, target_modules=targets,
-                                                 bias="none"))
+            targets = _language_model_linears(model) if cfg.lora_targets == ["all-linear"] else cfg.lora_targets
+            model.enable_input_require_grads()
+            model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                                     lora_dropout=cfg.lora_dropout, target_modules=targets,
+                                                     bias="none"))
     set_z3_leaf_modules(model, detect_hybrid=False)
     tower = _vision_tower(model)
     if tower is not None and ds_config["zero_optimization"]["stage"] == 3:
@@ -85,9 +106,14 @@ def load_actor(path: str, cfg: DPOConfig, ds_config: dict, trainable: bool, trus
     model.config.use_cache = False
     actor = Actor(model)
     actor.is_vlm, actor._vlm_config, actor.packing_samples = True, model.config, False
-    if zero3:
-        actor._hf_zero3_config = zero3_config  # transformers holds it by weak reference: keep it alive
     return actor
+
+
+def _held_by_this_rank(model) -> tuple[int, int]:
+    """Parameter elements this rank holds, of all: ZeRO-3 partitions count their own share."""
+    params = list(model.parameters())
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    return held, sum(getattr(p, "ds_numel", p.numel()) for p in params)
 
 
 def _mirror_tokenizer_fields(processor) -> None:
@@ -117,6 +143,10 @@ def train_dpo(recipe: Recipe, model_path: str, pairs: str, out_dir: str) -> None
     policy = load_actor(model_path, cfg, strategy.get_ds_train_config(), True, recipe.model.trust_remote_code)
     reference = load_actor(model_path, cfg, strategy.get_ds_eval_config(offload=args.ref.offload), False,
                            recipe.model.trust_remote_code)
+    if cfg.zero_stage == 3:
+        held, total = _held_by_this_rank(policy.model)
+        strategy.print(f"ZeRO-3 load (dpo.zero3_init: {cfg.zero3_init}): rank 0 holds {held}/{total} parameter "
+                       f"elements after loading ({held / total:.3f})")
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": args.model.gradient_checkpointing_reentrant})
@@ -131,9 +161,8 @@ def train_dpo(recipe: Recipe, model_path: str, pairs: str, out_dir: str) -> None
                     lr_scheduler=cfg.lr_scheduler, lr_warmup_ratio=cfg.warmup_ratio, min_lr_ratio=args.min_lr_ratio,
                     max_norm=cfg.max_norm, scheduler_steps=math.ceil(cfg.epochs * steps_per_epoch))
     (policy, optimizer, scheduler), reference = strategy.prepare((policy, schedule), reference)
-    partitioned = [p for p in policy.model.module.parameters() if hasattr(p, "ds_tensor")]
-    if partitioned:
-        held, total = sum(p.ds_tensor.numel() for p in partitioned), sum(p.ds_numel for p in partitioned)
+    if cfg.zero_stage == 3:
+        held, total = _held_by_this_rank(policy.model.module)
         strategy.print(f"ZeRO-3: rank 0 holds {held}/{total} parameter elements ({held / total:.3f})")
 
     consumed = 0

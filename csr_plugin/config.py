@@ -175,6 +175,11 @@ class SearchConfig:
         "in a row, more than 5 line breaks, or a sentence already in its response.", default=False)
     batch_prompts: int = _help("Prompts searched together; all their beams share one engine call per step.",
                                default=8)
+    max_batch_tokens: int = _help(
+        "KV budget of one transformers-engine decode, in tokens: each prompt's KV once (its rows share it) plus "
+        "every row's own prefix and new tokens. A step needing more is split into batches within it (same "
+        "trees); an out-of-memory error halves it, logged once. 0 = from free GPU memory at start (60%), or "
+        "4 GiB worth on CPU.", default=0)
     engine: Literal["transformers", "vllm"] = _help("Generation engine.", default="transformers")
     vllm: dict = _help(
         "vLLM engine arguments (vllm.EngineArgs names) for search.engine: vllm and `csr sample --ray --openrlhf`, "
@@ -212,6 +217,9 @@ class SearchConfig:
         if not 0.0 < self.vllm_gpu_memory < 1.0:
             raise ConfigError(f"`{where}.vllm_gpu_memory` must be in (0, 1), got {self.vllm_gpu_memory}; it is the "
                               "share of the GPU vLLM takes (e.g. 0.7).")
+        if self.max_batch_tokens < 0:
+            raise ConfigError(f"`{where}.max_batch_tokens` must be >= 0 (0 = from free memory), "
+                              f"got {self.max_batch_tokens}.")
         if self.decoding == "pargs" and not self.rm:
             raise ConfigError(f"`{where}.decoding` is pargs: set `{where}.rm` (or `csr sample --rm`) to a reward "
                               "model folder from `csr train-rm`, or use decoding: sample.")

@@ -2,17 +2,20 @@
 
 One ``expand`` call continues every requested prefix of every prompt in a
 single batch. With the prompt cache (the default) each prompt is prefilled
-once, vision tower included, and kept as unpadded KV tensors; a call then
-assembles those into a batch cache and prefills only the last prompt token and
-each request's response prefix on top. Each (prompt, prefix) is prefilled once
-and its KV cache replicated for its K candidates, and all rows decode together
-until each has ended its sentence. Positions are explicit everywhere (Qwen-VL's
+once, vision tower included, and kept as unpadded KV tensors that every row of
+that prompt reads in place (``shared_prompt.py``): rows hold only their own
+tokens, so memory grows with K by the prefixes, not by the 600-token image
+prompt. Each (prompt, prefix) is prefilled once and its own KV replicated for
+its K candidates, and all rows decode together until each has ended its
+sentence. A call larger than ``search.max_batch_tokens`` of KV runs as several
+batches, and an out-of-memory error halves that budget and goes on. Positions are explicit everywhere (Qwen-VL's
 M-RoPE included), so padding between a cached prompt and its prefix changes
 nothing. Log-probs come from the raw logits of the same forward that chose the
 token, so R_T needs no extra pass.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Optional, Sequence
 
@@ -25,6 +28,9 @@ from csr_plugin.reward.clip_relevance import resolve_device
 from csr_plugin.sampling.engine import (Continuation, EncodedPrompt, Expansion, added_text, never_sampled_ids,
                                        stable_seed)
 from csr_plugin.sampling.sentence_end import sentence_end_token_ids
+from csr_plugin.sampling.shared_prompt import SharedPrompts, attending
+
+log = logging.getLogger(__name__)
 
 
 
@@ -100,7 +106,9 @@ class TransformersEngine:
         self._lock = threading.Lock()  # one expand at a time: the prompt cache and the model are shared
         # prefill_tokens: real (unpadded) tokens prefilled; prompt_prefills: prompts run through
         # the vision tower and cached; rows_dropped: finished rows compacted out of a decode batch.
-        self.stats = {"prefill_tokens": 0, "prompt_prefills": 0, "rows_dropped": 0}
+        self.stats = {"prefill_tokens": 0, "prompt_prefills": 0, "rows_dropped": 0, "batches": 0, "oom_halvings": 0}
+        # False: every row gets its own copy of its prompt's KV (the engine before sharing, for benchmarks).
+        self.share_prompt = True
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.search = search
@@ -117,6 +125,9 @@ class TransformersEngine:
         self.banned_mask = torch.zeros(vocab, dtype=torch.bool, device=self.device)
         self.banned_mask[list(banned)] = True
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.kv_bytes_per_token = kv_bytes_per_token(model)
+        self.max_batch_tokens = search.max_batch_tokens or default_max_batch_tokens(self.kv_bytes_per_token,
+                                                                                    self.device)
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, search: SearchConfig) -> "TransformersEngine":
@@ -224,32 +235,21 @@ class TransformersEngine:
     def _prefill_from_prompt_cache(self, requests: Sequence[Expansion]):
         """Each request's last prompt token and prefix on top of its prompt's cached KV.
 
-        Row layout: [pad | prompt[:-1] | pad | prompt[-1] + prefix]; the mask hides both pads and
-        the explicit positions continue the prompt's own, so the result equals a full prefill.
+        Shared (the default): the rows' cache holds only [pad | prompt[-1] + prefix]; the prompt's
+        KV is read in place by the attention (``shared_prompt.py``), explicit positions continue the
+        prompt's own. Copied (``share_prompt = False``): row layout [pad | prompt[:-1] | pad |
+        prompt[-1] + prefix] in one cache. Either equals a full prefill.
         """
         from transformers import DynamicCache
 
         by_id = {id(r.prompt): r.prompt for r in requests}
         prompts = list(by_id.values())
-        # Bounded: keep only the prompts this call continues (the search drops finished ones).
-        self._cached = {k: v for k, v in self._cached.items() if k in by_id}
         missing = [p for p in prompts if id(p) not in self._cached]
         if missing:
             self._cache_prompts(missing)
         entries = [self._cached[id(p)] for p in prompts]
         index = {id(p): i for i, p in enumerate(prompts)}
-        width = max(len(p.token_ids) - 1 for p in prompts)
-        cache = DynamicCache(config=self.model.config)
-        for layer_idx in range(len(entries[0].layers)):
-            keys, values = (torch.cat([torch.nn.functional.pad(e.layers[layer_idx][j],
-                                                               (0, 0, width - e.layers[layer_idx][j].shape[2], 0))
-                                       for e in entries]) for j in (0, 1))
-            cache.update(keys, values, layer_idx)
-        prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            prompt_mask[i, width - len(p.token_ids) + 1:] = 1
         of_request = torch.tensor([index[id(r.prompt)] for r in requests])
-        cache.batch_select_indices(of_request.to(self.device))
 
         chunks = [r.prompt.token_ids[-1:] + r.prefix_ids for r in requests]
         chunk_width = max(map(len, chunks))
@@ -262,12 +262,33 @@ class TransformersEngine:
             chunk_mask[i, start:] = 1
             first = entries[of_request[i]].last_pos
             positions[i, start:] = torch.arange(first, first + len(chunk))
-        attention = torch.cat([prompt_mask[of_request], chunk_mask], dim=1)
         position_ids = positions[None].expand(3, -1, -1) if self.spec.mrope else positions
+        self.stats["prefill_tokens"] += sum(map(len, chunks))
+        if self.share_prompt:
+            shared = SharedPrompts([[(keys[0], values[0]) for keys, values in e.layers] for e in entries],
+                                   of_request.to(self.device))
+            causal = torch.ones(chunk_width, chunk_width, dtype=torch.bool).tril()
+            local = causal[None, None] & chunk_mask.bool()[:, None, None, :]   # [R, 1, q, S], True = attend
+            with attending(self.model, shared):
+                out = self._forward({"input_ids": chunk_ids, "attention_mask": local, "position_ids": position_ids},
+                                    past_key_values=DynamicCache(config=self.model.config))
+            return out.past_key_values, out.logits[:, -1].float(), chunk_mask.to(self.device), positions[:, -1] + 1, shared
+
+        width = max(len(p.token_ids) - 1 for p in prompts)
+        cache = DynamicCache(config=self.model.config)
+        for layer_idx in range(len(entries[0].layers)):
+            keys, values = (torch.cat([torch.nn.functional.pad(e.layers[layer_idx][j],
+                                                               (0, 0, width - e.layers[layer_idx][j].shape[2], 0))
+                                       for e in entries]) for j in (0, 1))
+            cache.update(keys, values, layer_idx)
+        prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            prompt_mask[i, width - len(p.token_ids) + 1:] = 1
+        cache.batch_select_indices(of_request.to(self.device))
+        attention = torch.cat([prompt_mask[of_request], chunk_mask], dim=1)
         out = self._forward({"input_ids": chunk_ids, "attention_mask": attention, "position_ids": position_ids},
                             past_key_values=cache)
-        self.stats["prefill_tokens"] += sum(map(len, chunks))
-        return out.past_key_values, out.logits[:, -1].float(), attention.to(self.device), positions[:, -1] + 1
+        return out.past_key_values, out.logits[:, -1].float(), attention.to(self.device), positions[:, -1] + 1, None
 
     def _can_use_prompt_cache(self, requests: Sequence[Expansion]) -> bool:
         if not self.prompt_cache or min(len(r.prompt.token_ids) for r in requests) < 2:
@@ -283,12 +304,58 @@ class TransformersEngine:
         if not requests:
             return []
         with self._lock:
-            return self._expand(requests)
+            if self.prompt_cache:
+                # Bounded: keep only the prompts this call continues (the search drops finished ones).
+                wanted = {id(r.prompt) for r in requests}
+                self._cached = {k: v for k, v in self._cached.items() if k in wanted}
+            results: list[list[Continuation]] = []
+            pending = list(requests)
+            while pending:
+                batch = self._within_budget(pending)
+                try:
+                    results += self._expand(batch)
+                except Exception as exc:  # noqa: BLE001 - only an out-of-memory error is handled here
+                    if not _is_out_of_memory(exc) or len(batch) == 1:
+                        raise
+                    self._halve_budget(exc, batch)
+                    continue
+                pending = pending[len(batch):]
+            return results
+
+    def kv_tokens(self, requests: Sequence[Expansion]) -> int:
+        """KV a decode of ``requests`` holds, in tokens: each prompt's once (shared) or per row (copied),
+        plus every row's own last prompt token, prefix and new tokens."""
+        own = sum(r.n * (1 + len(r.prefix_ids) + self.search.max_new_tokens) for r in requests)
+        if self.prompt_cache and self.share_prompt:
+            return own + sum(len(p.token_ids) for p in {id(r.prompt): r.prompt for r in requests}.values())
+        return own + sum(r.n * len(r.prompt.token_ids) for r in requests)
+
+    def _within_budget(self, pending: Sequence[Expansion]) -> list[Expansion]:
+        """The longest head of ``pending`` whose decode fits in ``max_batch_tokens`` (at least one request)."""
+        count = 1
+        while count < len(pending) and self.kv_tokens(pending[:count + 1]) <= self.max_batch_tokens:
+            count += 1
+        return list(pending[:count])
+
+    def _halve_budget(self, exc: Exception, batch: Sequence[Expansion]) -> None:
+        needed = self.kv_tokens(batch)
+        self.max_batch_tokens = max(1, min(self.max_batch_tokens, needed) // 2)
+        self.stats["oom_halvings"] += 1
+        # once at warning level: a budget too large for this device is one fact, not one per step
+        level = logging.WARNING if self.stats["oom_halvings"] == 1 else logging.DEBUG
+        log.log(level, "out of memory decoding %d requests (%d KV tokens): search.max_batch_tokens is now %d and "
+                "larger steps run as several batches; set it lower to skip this (%s)", len(batch), needed,
+                self.max_batch_tokens, str(exc).splitlines()[0][:200])
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def _expand(self, requests: Sequence[Expansion]) -> list[list[Continuation]]:
-        prefill = self._prefill_from_prompt_cache if self._can_use_prompt_cache(requests) else self._prefill_full
-        cache, logits, attention, next_pos = prefill(requests)
+        self.stats["batches"] += 1
+        if self._can_use_prompt_cache(requests):
+            cache, logits, attention, next_pos, shared = self._prefill_from_prompt_cache(requests)
+        else:
+            (cache, logits, attention, next_pos), shared = self._prefill_full(requests), None
         # One prefill per (prompt, prefix); the K candidates share it through a replicated cache.
         request_of_row = torch.repeat_interleave(
             torch.arange(len(requests), device=self.device),
@@ -297,6 +364,8 @@ class TransformersEngine:
         row_seeds = torch.tensor([stable_seed(r.seed, k) for r in requests for k in range(r.n)],
                                  dtype=torch.long, device=self.device)
         cache.batch_select_indices(request_of_row)
+        if shared is not None:
+            shared.select(shared.prompt_of_row[request_of_row])
         logits = logits[request_of_row]
         attention = attention[request_of_row]
         next_pos = next_pos.to(self.device)[request_of_row]
@@ -331,14 +400,20 @@ class TransformersEngine:
                 keep = active.nonzero(as_tuple=True)[0]
                 self.stats["rows_dropped"] += int(active.numel() - keep.numel())
                 cache.batch_select_indices(keep)
+                if shared is not None:
+                    shared.select(shared.prompt_of_row[keep])
                 attention, tokens, live, active = attention[keep], tokens[keep], live[keep], active[keep]
                 next_pos = next_pos[keep]
             attention = torch.cat([attention, active[:, None].long()], dim=1)
             # Explicit positions: M-RoPE cannot rebuild them from the mask once rows were dropped.
             positions = next_pos[:, None]
-            out = self.model(input_ids=tokens[:, None], attention_mask=attention, past_key_values=cache,
-                             position_ids=positions[None].expand(3, -1, -1) if self.spec.mrope else positions,
-                             use_cache=True)
+            inputs = dict(input_ids=tokens[:, None], past_key_values=cache, use_cache=True,
+                          position_ids=positions[None].expand(3, -1, -1) if self.spec.mrope else positions)
+            if shared is None:
+                out = self.model(attention_mask=attention, **inputs)
+            else:
+                with attending(self.model, shared):
+                    out = self.model(attention_mask=attention.bool()[:, None, None, :], **inputs)
             logits = out.logits[:, -1].float()
             cache = out.past_key_values
             next_pos = next_pos + 1
@@ -354,3 +429,30 @@ class TransformersEngine:
                 token_ids=new_ids, logprobs=logprob_rows[row][:lengths_t[row]],
                 text=added_text(self.tokenizer, request.prefix_ids, new_ids), finish=names[finish_t[row]]))
         return results
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of KV one token holds across the text model's layers (keys and values)."""
+    text = model.config.get_text_config()
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * next(model.parameters()).element_size()
+
+
+def default_max_batch_tokens(bytes_per_token: int, device: torch.device) -> int:
+    """``search.max_batch_tokens: 0``: 60% of the GPU's free memory now (the rest for activations, logits
+    and CLIP), or 4 GiB of KV on a CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(0.6 * free)
+    else:
+        budget = 4 << 30
+    return max(1, budget // bytes_per_token)
+
+
+def _is_out_of_memory(exc: Exception) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

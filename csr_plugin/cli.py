@@ -8,6 +8,7 @@ from pathlib import Path
 
 from csr_plugin.config import ConfigError, load_recipe
 from csr_plugin.doctor import GpuUnusable, preflight
+from csr_plugin.recipe_paths import LoadFailure, check_recipe_paths
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -24,6 +25,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                                                         if args.rm else []))
     _route_logs(recipe.output_dir)
     preflight("sample")
+    check_recipe_paths(recipe, "sample")   # model, CLIP, prompts and their images before anything loads
     if args.ray:
         from csr_plugin.sampling.ray_driver import sample_on_ray
 
@@ -66,6 +68,7 @@ def _cmd_train_dpo(args: argparse.Namespace) -> int:
 
     _route_logs(recipe.output_dir)
     preflight("train-dpo")
+    check_recipe_paths(recipe, "train-dpo")
     log_file = subprocess_log(recipe.output_dir, "dpo")   # None with --verbose: the ranks print here
     if log_file is not None:
         print(f"DPO of {recipe.model.path} on {recipe.dpo.pairs} ...  ranks' log: {log_file}", flush=True)
@@ -88,6 +91,7 @@ def _cmd_train_rm(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"reward model pairs {pairs!r} not found; set rm.pairs or --pairs to a pairs JSONL.")
     _route_logs(out)
     preflight("train-rm")
+    check_recipe_paths(recipe, "train-rm")
     log_file = subprocess_log(out, "rm")   # None with --verbose: the ranks print here
     if log_file is not None:
         print(f"reward model on {recipe.model.path}, pairs {pairs} ...  ranks' log: {log_file}", flush=True)
@@ -100,8 +104,10 @@ def _cmd_train_rm(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from csr_plugin.pipeline import run, summary_table
 
-    _route_logs(load_recipe(args.config, args.overrides).output_dir)
+    recipe = load_recipe(args.config, args.overrides)
+    _route_logs(recipe.output_dir)
     preflight("run")   # before sampling, not hours later when DPO starts
+    check_recipe_paths(recipe, "run")   # the eval files and dpo.sft_data too, not after the first iteration
     rows = run(args.config, args.overrides)
     print(summary_table(rows))
     return 0
@@ -113,6 +119,7 @@ def _cmd_serve_reward(args: argparse.Namespace) -> int:
     from csr_plugin.openrlhf.reward_server import remote_url
 
     recipe = load_recipe(args.config, args.overrides)
+    check_recipe_paths(recipe, "serve-reward")
     host = args.host if args.host is not None else recipe.serve.host
     port = args.port if args.port is not None else recipe.serve.port
 
@@ -151,6 +158,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         if args.model or args.rm:
             raise ConfigError("--responses scores answers already written: drop --model / --rm, no model is loaded.")
+        check_recipe_paths(recipe, "eval", responses=True)
         try:
             result = score_responses(recipe.eval, [parse_response_arg(r) for r in args.responses])
         except ValueError as exc:
@@ -167,6 +175,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                               "or score existing answers with --responses FILE.")
         _route_logs(recipe.output_dir)
         preflight("eval")
+        check_recipe_paths(recipe, "eval", model=args.model)
         model = dataclasses.replace(recipe.model, path=args.model or recipe.model.path)
         try:
             result = evaluate(model, recipe.eval, answers_path=out.with_suffix(".answers.jsonl") if out else None)
@@ -206,6 +215,7 @@ def _cmd_train_ppo(args: argparse.Namespace) -> int:
         return 0
     _route_logs(recipe.output_dir)
     preflight("train-ppo")
+    check_recipe_paths(recipe, "train-ppo")
     return train_ppo(recipe, args.config, args.overrides)
 
 
@@ -472,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"csr {args.command}: error: {exc}", file=sys.stderr)
+        if isinstance(exc, LoadFailure):
+            run_logs.record_crash(exc)   # the loader's traceback: in the log, not on the terminal
         if getattr(exc, "unknown_key", None):
             from csr_plugin.key_hints import suggestions
 

@@ -99,5 +99,8 @@ def test_cli_reports_a_systematic_failure_and_exits_1(tmp_path, capsys, monkeypa
                                   "output_dir": str(tmp_path / "out")}))
     monkeypatch.setattr("csr_plugin.sampling.local.build_engine", lambda recipe: ScriptedEngine())
     monkeypatch.setattr("csr_plugin.sampling.local.build_clip", lambda recipe: ScriptedClip())
+    # the up-front path checks would refuse these prompts first (tests/test_recipe_paths.py): this is the
+    # net behind them, for failures no path check sees (an unsupported model, images gone mid-run)
+    monkeypatch.setattr(cli, "check_recipe_paths", lambda *args, **kwargs: None)
     assert cli.main(["sample", "--config", str(recipe), "--quiet"]) == 1
     assert "csr sample: stopped: the last 12 prompts all failed alike" in capsys.readouterr().err

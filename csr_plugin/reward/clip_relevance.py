@@ -49,8 +49,13 @@ class ClipRelevance:
         if pretrained and any(sep in pretrained for sep in ("/", "\\")) and not Path(pretrained).is_file():
             raise FileNotFoundError(f"clip.pretrained {pretrained!r} looks like a path but is not a file.")
         self.device = resolve_device(cfg.device)
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained or None, device=self.device)
+        try:
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained or None, device=self.device)
+        except Exception as exc:  # noqa: BLE001 - a short error naming the keys; the CLI logs the traceback
+            from csr_plugin.recipe_paths import clip_load_failure
+
+            raise clip_load_failure(cfg.model, pretrained, exc) from exc
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self._cache: OrderedDict[Hashable, torch.Tensor] = OrderedDict()

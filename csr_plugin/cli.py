@@ -135,9 +135,13 @@ def _cmd_serve_reward(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from csr_plugin.toy.demo import run_demo
+    from csr_plugin.toy.demo import prepare_toy, run_demo
 
     _route_logs(args.output)
+    if args.build_only:   # what the toy recipes (toy-ppo.yaml, ...) point at, without the CSR iterations
+        print(f"toy world, seed {args.seed}: building or loading the world and its tiny models ...", flush=True)
+        print(f"toy world and models: {prepare_toy('.cache/toy', args.seed, 'quick' if args.quick else 'full')}/")
+        return 0
     run_demo(args.output, args.seed, args.iterations, args.lambda_, args.config, extra=args.overrides,
              size="quick" if args.quick else "full")
     return 0
@@ -414,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda", dest="lambda_", type=float, default=0.9, help="CLIP weight (default: 0.9)")
     p.add_argument("--config", default="recipes/toy.yaml", help="recipe (default: recipes/toy.yaml)")
     p.add_argument("--quick", action="store_true", help="a smaller world and weaker models built in about a minute")
+    p.add_argument("--build-only", action="store_true", help="only build (or find) the toy world and its models "
+                   "under .cache/toy/seed<N>/, which the toy recipes name; no CSR iterations")
     _add_overrides(p)
     _quiet_by_default(p)
     p.set_defaults(func=_cmd_demo)

@@ -5,6 +5,7 @@ import itertools
 import pytest
 
 from csr_plugin.cli import _leaf_parsers, build_parser
+from test_quiet import restore_logging  # noqa: F401 - fixture: cli.main sets up logging
 
 # Per command: the words that name it, then units (a flag with its value, a positional, an override) that
 # may come in any order. Positionals keep their order among themselves (recipe before its overrides).
@@ -56,3 +57,16 @@ def test_missing_recipe_names_only_the_recipe(capsys):
         build_parser().parse_args(["recipe", "show", "--check"])
     err = capsys.readouterr().err
     assert "required: recipe" in err and "key.sub=value\n" not in err.split("error:")[1]
+
+
+def test_demo_build_only_builds_the_toy_models_and_runs_nothing(monkeypatch, tmp_path, capsys, restore_logging):
+    from csr_plugin import cli
+    from csr_plugin.toy import demo
+
+    built = []
+    monkeypatch.setattr(demo, "prepare_toy", lambda root, seed, size: built.append((root, seed, size)) or
+                        tmp_path / f"seed{seed}")
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: pytest.fail("--build-only ran the CSR iterations"))
+    assert cli.main(["demo", "--build-only", "--seed", "3", "--output", str(tmp_path / "out")]) == 0
+    # the folder the toy recipes name (.cache/toy/seed0/vlm for seed 0)
+    assert built == [(".cache/toy", 3, "full")] and f"{tmp_path / 'seed3'}/" in capsys.readouterr().out

@@ -8,6 +8,7 @@ actors, openrlhf_actors.py); both backends offer the driver the same members:
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -104,12 +105,21 @@ def engine_device(device: str) -> str:
     if group is None:
         return device
     first = int(bundles.split(",")[0])
-    gpus = float(os.environ.get("VLLM_RAY_PER_WORKER_GPUS", "1"))
-    probe = ray.remote(num_cpus=0, num_gpus=gpus)(_gpu_ids).options(
+    # a sliver of a GPU: any share of the bundle reports its GPU, and with colocate_all the bundle's GPU is
+    # already shared out to the trainer's actors
+    probe = ray.remote(num_cpus=0, num_gpus=0.01)(_gpu_ids).options(
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=first))
-    ids = ray.get(probe.remote())
+    try:
+        ids = ray.get(probe.remote(), timeout=120)
+    except ray.exceptions.GetTimeoutError:
+        ids = []
+    if not ids:
+        logging.getLogger(__name__).warning(
+            "could not read the GPU of placement-group bundle %d (no room for a probe in 120 s): CLIP stays on %s, "
+            "GPU 0 of this node", first, device)
+        return device
     # with CUDA_VISIBLE_DEVICES removed, torch's index on this node is Ray's GPU id
-    return f"cuda:{ids[0]}" if ids else device
+    return f"cuda:{ids[0]}"
 
 
 def _gpu_ids() -> list:

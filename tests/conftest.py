@@ -5,10 +5,11 @@ import os
 
 import pytest
 
-if not os.path.exists("/dev/nvidiactl"):
-    # flash-attn's pure-Python CPU install imports only with its Triton backend; on an NVIDIA GPU
-    # this variable would select the ROCm backend, so it is set only where there is none.
-    os.environ.setdefault("FLASH_ATTENTION_TRITON_AMD_ENABLE", "TRUE")
+from csr_plugin.accelerator import enable_flash_attn_import
+
+# flash-attn's pure-Python install (no CUDA kernels) imports only with its Triton backend; where the
+# kernels are installed the variable would switch them off, so it is set only where they are absent.
+enable_flash_attn_import()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

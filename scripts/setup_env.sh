@@ -71,7 +71,7 @@ if [ "$GPU" = 1 ]; then
   fi
 else
 # flash-attn: openrlhf imports flash_attn.bert_padding at import time. Without
-# CUDA its source package installs as pure Python (DESIGN.md section 4).
+# CUDA its source package installs as pure Python (docs/install.md).
 if ! $VENV/bin/python -c "import flash_attn" 2>/dev/null; then
   FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE \
     pip_install --no-build-isolation "flash-attn==2.8.3"

@@ -72,7 +72,7 @@ def cpu_env() -> dict:
 
 def cpu_openrlhf_env() -> dict:
     """Environment for a CPU Ray actor that runs vLLM inside OpenRLHF's code: ``cpu_env`` and, because
-    flash-attn's CPU install imports only with its Triton backend (DESIGN.md section 4), that backend.
+    flash-attn's CPU install imports only with its Triton backend (csr_plugin/accelerator.py), that backend.
     Only CPU processes get it: on an NVIDIA GPU the variable would select flash-attn's ROCm backend."""
     return {"FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE", **cpu_env()}
 

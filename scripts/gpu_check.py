@@ -57,7 +57,8 @@ def build_processor(g: dict):
                                                  pre_tokenizers.Punctuation()])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                         extra_special_tokens={"image_token": IMAGE_TOKEN}, model_max_length=4096)
-    images = CLIPImageProcessor(size={"shortest_edge": g["image"]}, crop_size={"height": g["image"], "width": g["image"]})
+    side = g["image"]
+    images = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=g["patch"],
                           vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
                           num_additional_image_tokens=1)

@@ -105,8 +105,8 @@ def test_gpu_actors_get_their_engines_gpus_and_the_flash_switch_only_without_ker
 
     recipe = recipe_from_dict(dict(tiny_recipe_dict, search={"engine": "vllm", "vllm": {"tensor_parallel_size": 2}}))
     assert engine_gpus(recipe) == 2 and _actor_options(True, gpus=2)["num_gpus"] == 2
-    assert actor_recipe(recipe_from_dict(dict(tiny_recipe_dict, clip={**tiny_recipe_dict["clip"],
-                                                                      "device": "cuda:3"})))["clip"]["device"] == "cuda:0"
+    on_gpu_3 = recipe_from_dict(dict(tiny_recipe_dict, clip={**tiny_recipe_dict["clip"], "device": "cuda:3"}))
+    assert actor_recipe(on_gpu_3)["clip"]["device"] == "cuda:0"   # the actor's first GPU: its engine's
     monkeypatch.setattr(accelerator, "flash_attn_kernels", lambda: True)
     assert accelerator.FLASH_TRITON_VAR not in _actor_options(True)["runtime_env"]["env_vars"]
     monkeypatch.setattr(accelerator, "flash_attn_kernels", lambda: False)

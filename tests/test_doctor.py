@@ -114,3 +114,26 @@ def test_mismatch_names_a_cpu_only_torch_and_a_new_enough_driver():
     assert "driver >=" not in text and "/dev/nvidia" in text and "CUDA unknown error" in text
     assert doctor.mismatch(smi, doctor.TorchCuda("2.14.1", "13.0", True, ["H100"], "")) is None
     assert doctor.mismatch(None, cuda_torch) is None
+
+
+@pytest.mark.parametrize("command", [["run"], ["train-dpo"], ["train-rm", "--pairs", "PAIRS"], ["train-ppo"],
+                                     ["eval"], ["sample"]])
+def test_every_gpu_command_runs_the_preflight_before_its_first_stage(command, tmp_path, tiny_recipe_dict,
+                                                                     monkeypatch, capsys):
+    """Each GPU command stops at the preflight with exit code 1 and the reason, before anything runs."""
+    from csr_plugin import cli
+
+    def refuse(name):
+        raise doctor.GpuUnusable(f"stand-in refusal for {name}")
+
+    monkeypatch.setattr(cli, "preflight", refuse)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("{}\n")
+    recipe = dict(tiny_recipe_dict, output_dir=str(tmp_path / "out"), dpo={"pairs": str(pairs)},
+                  eval={"prompts": str(pairs), "truth": str(pairs), "vocabulary": str(pairs)})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    argv = [a.replace("PAIRS", str(pairs)) for a in command] + ["--config", str(path)]
+    assert cli.main(argv) == 1
+    assert f"csr {command[0]}: error: stand-in refusal for {command[0]}" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "trees.jsonl").exists() and not (tmp_path / "out" / "iter_1").exists()

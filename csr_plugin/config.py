@@ -558,10 +558,23 @@ class ServeConfig:
 class LoopConfig:
     iterations: int = _help("CSR iterations T: sample -> curate -> DPO, each from the previous iterate.",
                             default=3)
+    sample_on: Literal["local", "ray"] = _help(
+        "Where `csr run` samples: local = this process, on model.device; ray = Ray sampling actors over "
+        "the cluster (as `csr sample --ray`), resumable and exact alike. DPO and evaluation run as before.",
+        default="local")
+    ray_address: str = _help("With sample_on: ray, the cluster to join (auto, host:6379, ray://host:10001); "
+                             "empty = a Ray instance on this machine for each sampling stage.", default="")
+    ray_actors: int = _help("With sample_on: ray, sampling actors; 0 = one per GPU of the cluster on GPUs, "
+                            "2 on CPUs.", default=0)
 
     def validate(self, where: str) -> None:
         if self.iterations < 1:
             raise ConfigError(f"`{where}.iterations` must be >= 1, got {self.iterations}.")
+        if self.ray_actors < 0:
+            raise ConfigError(f"`{where}.ray_actors` must be >= 0 (0 = one per GPU), got {self.ray_actors}.")
+        if self.sample_on == "local" and (self.ray_address or self.ray_actors):
+            raise ConfigError(f"`{where}.ray_address` / `{where}.ray_actors` apply to `{where}.sample_on: ray`; "
+                              "set it, or remove them.")
 
 
 @dataclass

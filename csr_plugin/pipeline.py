@@ -63,10 +63,28 @@ def _sample_stage(recipe: Recipe, t: int, folder: Path):
     stage_recipe = dataclasses.replace(recipe, model=model, search=search, output_dir=str(folder))
     say(f"iteration {t}: sampling {len(load_prompts(recipe.data.prompts, recipe.data.limit)[0])} prompts ...")
     with _Timer(folder, "sample"):
-        summary = sample(stage_recipe, leave=False)
+        if recipe.loop.sample_on == "ray":
+            from csr_plugin.sampling.ray_driver import sample_on_ray
+
+            summary = sample_on_ray(stage_recipe, recipe.loop.ray_actors, recipe.loop.ray_address or None)
+            _prompt_order(folder / "trees.jsonl", recipe)
+        else:
+            summary = sample(stage_recipe, leave=False)
     say(f"iteration {t}: {summary}")
     release_memory()  # the DPO ranks need the GPU the sampler's engine and CLIP (or reward.mrm) used
     return summary
+
+
+def _prompt_order(trees_path: Path, recipe: Recipe) -> None:
+    """Trees in the prompts file's order, as a local run writes them: Ray actors finish chunks in any
+    order, and the pairs' order (so DPO's shuffled batches, so the next iterate) follows the trees'."""
+    from csr_plugin.sampling.prompts import load_prompts
+
+    order = {p.id: i for i, p in enumerate(load_prompts(recipe.data.prompts, recipe.data.limit)[0])}
+    trees = load_records(trees_path)
+    ordered = sorted(trees, key=lambda tree: order.get(tree["id"], len(order)))
+    if ordered != trees:
+        write_jsonl_atomic(trees_path, ordered)
 
 
 def _iteration_metrics(t: int, folder: Path, curation, recipe: Recipe) -> dict:

@@ -305,3 +305,46 @@ def test_rm_on_two_node_launchers_equals_one_node_with_two_ranks(tiny_recipe_dic
         assert torch.equal(two[name], one[name]), name
     meta = [json.loads((folder / "final" / "reward_model.json").read_text()) for folder in (two_nodes, one_node)]
     assert meta[0]["held_out"] == meta[1]["held_out"] and meta[0]["train_pairs"] == 4
+
+
+# -- e. `csr run` sampling on the two-node cluster ------------------------------------------------------------
+
+def test_default_actors_are_one_per_gpu_of_the_cluster():
+    from csr_plugin.sampling.ray_driver import default_actors
+
+    assert default_actors(16.0, use_gpu=True) == 16    # two 8-GPU nodes
+    assert default_actors(0.0, use_gpu=False) == 2 and default_actors(8.0, use_gpu=False) == 2
+
+
+@pytest.mark.slow   # two 2-iteration CSR loops, each with two DPO runs of two ZeRO-3 ranks: ~3 min on 2 shared cores
+def test_csr_run_sampling_on_the_two_node_cluster_gives_the_pairs_of_a_local_run(two_nodes, tiny_recipe_dict,
+                                                                                    tmp_path):
+    import yaml
+
+    from csr_plugin.pipeline import run
+    from csr_plugin.toy.quickstart import write_prompts
+
+    cluster, head, second = two_nodes
+    prompts = write_prompts(tmp_path / "prompts", 6, seed=5)
+
+    def loop(name, **loop_keys):
+        data = _tiny_recipe(tiny_recipe_dict, tmp_path / name, batch_prompts=2)
+        data["data"]["prompts"] = str(prompts)
+        data["dpo"] = {"nproc": 2, "zero_stage": 3, "batch": 2, "micro_batch": 1, "epochs": 1, "lr": 1.0e-3,
+                       "ckpt_steps": 0}
+        data["loop"] = {"iterations": 2, **loop_keys}
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(data))
+        return run(str(config)), tmp_path / name
+
+    _, local = loop("local")
+    _, on_ray = loop("ray", sample_on="ray", ray_address=cluster.address, ray_actors=2)
+    assert not ray.is_initialized(), "each sampling stage leaves the cluster it joined"
+    for t in (1, 2):
+        trees = [r["id"] for r in load_records(on_ray / f"iter_{t}" / "trees.jsonl")]
+        assert sorted(trees) == sorted(set(trees)) and len(trees) == 6, "every prompt once"
+        mine, theirs = (load_records(folder / f"iter_{t}" / "pairs.jsonl") for folder in (on_ray, local))
+        assert [(p["id"], p["chosen"], p["rejected"]) for p in mine] == \
+               [(p["id"], p["chosen"], p["rejected"]) for p in theirs], f"iteration {t}: the same pairs"
+        # CLIP batches differ between the runs (chunks of prompts on two actors): float rounding only
+        assert [p["chosen_reward"] for p in mine] == pytest.approx([p["chosen_reward"] for p in theirs], rel=1e-5)

@@ -38,6 +38,11 @@ def _needs_gpu(recipe: Recipe, cluster_gpus: float) -> bool:
             or ("auto" in devices and cluster_gpus > 0))
 
 
+def default_actors(cluster_gpus: float, use_gpu: bool) -> int:
+    """Actors when none are asked for: one per GPU of the cluster (every node's), or 2 CPU actors."""
+    return max(1, int(cluster_gpus)) if use_gpu else 2
+
+
 def _connect(ray, address: Optional[str]) -> bool:
     """Join `address` or start a local cluster; True if Ray was started here (so it is ours to shut down)."""
     from csr_plugin import run_logs
@@ -187,13 +192,14 @@ def sample_on_ray(recipe: Recipe, num_actors: int, address: Optional[str] = None
     """`sample` on `num_actors` Ray actors: same trees.jsonl, errors.jsonl and resume behaviour.
 
     ``address``: an existing cluster (``auto``, ``ray://host:10001``, ``host:6379``); None starts a local
-    one for this run. ``on_progress(trees_written, live_actor_handles)`` runs after each finished chunk
+    one for this run. ``num_actors`` 0: one per GPU of the cluster when the actors take GPUs, else 2.
+    ``on_progress(trees_written, live_actor_handles)`` runs after each finished chunk
     is on disk (tests kill an actor from it). ``openrlhf_engines``: the actors are OpenRLHF's vLLM
     rollout actors running our agent executor (openrlhf_actors.py) instead of our own sampling
     actors. ``actor_env``: extra environment variables for the actors.
     """
-    if num_actors < 1:
-        raise ValueError(f"--actors must be >= 1, got {num_actors}.")
+    if num_actors < 0:
+        raise ValueError(f"--actors must be >= 1 (or 0: one per GPU of the cluster, 2 on CPUs), got {num_actors}.")
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}.")
     if openrlhf_engines and recipe.search.decoding == "pargs":
@@ -207,7 +213,12 @@ def sample_on_ray(recipe: Recipe, num_actors: int, address: Optional[str] = None
         if outputs.todo:
             owns_ray = _connect(ray, address)
             try:
-                use_gpu = _needs_gpu(recipe, ray.cluster_resources().get("GPU", 0))
+                cluster_gpus = ray.cluster_resources().get("GPU", 0)
+                use_gpu = _needs_gpu(recipe, cluster_gpus)
+                if num_actors == 0:
+                    num_actors = default_actors(cluster_gpus, use_gpu)
+                    log.info("sampling on %d Ray actors (%s)", num_actors,
+                             "one per GPU of the cluster" if use_gpu else "CPU actors")
                 todo = outputs.todo
                 if openrlhf_engines:
                     from csr_plugin.sampling.openrlhf_actors import OpenRLHFEngines, screen_prompts

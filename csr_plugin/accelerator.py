@@ -1,5 +1,6 @@
-"""What this machine's GPU stack offers, decided in one place: flash-attn's kernels (and the attention a
-recipe gets without them), and GPU memory handed from one stage to the next.
+"""What this machine's GPU stack offers, decided in one place: the device and dtype a recipe's `auto`
+settings resolve to, flash-attn's kernels (and the attention a recipe gets without them), and GPU memory
+handed from one stage to the next.
 
 flash-attn is installed in one of two ways (scripts/setup_env.sh): with its CUDA kernels (the compiled
 ``flash_attn_2_cuda`` module, from a prebuilt wheel for the installed torch), or as pure Python where no
@@ -19,6 +20,28 @@ import os
 log = logging.getLogger(__name__)
 
 FLASH_TRITON_VAR = "FLASH_ATTENTION_TRITON_AMD_ENABLE"
+
+
+def resolve_device(device: str):
+    """A `device` setting (model.device, clip.device) as a torch device: auto = cuda where torch sees a GPU."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def dtype_name(dtype: str, gpu: bool) -> str:
+    """torch dtype name of a `dtype` setting: auto = bfloat16 on a GPU, float32 on CPU (no fast bf16 there)."""
+    if dtype == "auto":
+        return "bfloat16" if gpu else "float32"
+    return dtype
+
+
+def vllm_dtype(dtype: str) -> str:
+    """vLLM's dtype for a `model.dtype` setting: auto = bfloat16, since vLLM's own auto would turn a
+    float32 checkpoint into float16 (and its CPU build runs bfloat16)."""
+    return "bfloat16" if dtype == "auto" else dtype
 
 
 def flash_attn_kernels() -> bool:

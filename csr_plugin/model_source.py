@@ -1,9 +1,14 @@
-"""What a recipe's `model:` section resolves to, decided in one place for every engine and trainer."""
+"""What a recipe's `model:` section resolves to, decided in one place for every engine and trainer (its
+device and dtype: accelerator.py)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Optional
+
+# dtype resolution lives with device resolution in accelerator.py; kept importable from here for the
+# engines that import it so
+from csr_plugin.accelerator import dtype_name, vllm_dtype  # noqa: F401
 
 DEFAULT_CONTEXT = 4096   # when neither the config nor the tokenizer states a limit
 # The original LLaVA release (liuhaotian/llava-v1.5-7b and kin) loads only with its own repository's code.
@@ -29,19 +34,6 @@ def check_model_path(path: str) -> Path:
                               "convert the folder with transformers' convert_llava_weights_to_hf.py "
                               "(docs/families.md, \"Checkpoint formats\").")
     return local
-
-
-def dtype_name(dtype: str, gpu: bool) -> str:
-    """torch dtype name of a `dtype` setting: auto = bfloat16 on a GPU, float32 on CPU (no fast bf16 there)."""
-    if dtype == "auto":
-        return "bfloat16" if gpu else "float32"
-    return dtype
-
-
-def vllm_dtype(dtype: str) -> str:
-    """vLLM's dtype for a `model.dtype` setting: auto = bfloat16, since vLLM's own auto would turn a
-    float32 checkpoint into float16 (and its CPU build runs bfloat16)."""
-    return "bfloat16" if dtype == "auto" else dtype
 
 
 def context_length(config, tokenizer=None) -> int:

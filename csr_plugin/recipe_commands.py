@@ -53,9 +53,9 @@ def pipelines(config_path: str, overrides: list[str]) -> list[str]:
 
 def stage_dtypes(recipe: Recipe, gpu: bool) -> dict[str, str]:
     """The dtype each stage computes in on a machine with (``gpu``) or without a CUDA GPU, as the code that
-    runs the stage resolves it: sampling and eval as model_source.dtype_name (vLLM as vllm_dtype), DPO and
+    runs the stage resolves it: sampling and eval as accelerator.dtype_name (vLLM as vllm_dtype), DPO and
     the reward model as training/openrlhf_args.param_dtype. PPO's is its --ds.param_dtype flag (show())."""
-    from csr_plugin.model_source import dtype_name, vllm_dtype
+    from csr_plugin.accelerator import dtype_name, vllm_dtype
     from csr_plugin.reward_model.train_main import as_dpo_config
     from csr_plugin.training.openrlhf_args import param_dtype
 

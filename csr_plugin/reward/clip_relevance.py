@@ -15,13 +15,9 @@ from typing import Hashable, Sequence
 import torch
 from PIL import Image
 
+# resolve_device lives in accelerator.py; kept importable from here for the engines that import it so
+from csr_plugin.accelerator import resolve_device
 from csr_plugin.config import ClipConfig
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _import_open_clip():

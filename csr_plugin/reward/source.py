@@ -156,7 +156,7 @@ def load_mrm_visual(recipe: Recipe) -> RewardModelVisual:
 
     import torch
 
-    from csr_plugin.reward.clip_relevance import resolve_device
+    from csr_plugin.accelerator import resolve_device
     from csr_plugin.reward_model.model import CONFIG_FILE, load_reward_model
 
     folder = Path(recipe.reward.mrm)

@@ -10,7 +10,7 @@ from argparse import Namespace
 from pathlib import Path
 
 from csr_plugin.config import DPOConfig, LoggingConfig
-from csr_plugin.model_source import dtype_name
+from csr_plugin.accelerator import dtype_name
 from csr_plugin.passthrough import merge
 from csr_plugin.training.device import on_gpu
 from csr_plugin.training.tracking import logger_flags

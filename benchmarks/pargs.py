@@ -28,7 +28,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from csr_plugin.multimodal import batch_inputs, chat_prompt, encode_prompt
-from csr_plugin.reward_model.guided import (DecodeSetup, PargsSettings, guided_decode, guided_decode_naive,
+from csr_plugin.sampling.pargs_decoding import (DecodeSetup, PargsSettings, guided_decode, guided_decode_naive,
                                             setup_for)
 from csr_plugin.reward_model.model import MultimodalRewardModel
 from csr_plugin.sampling.transformers_engine import counter_gumbel

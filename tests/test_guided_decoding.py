@@ -1,4 +1,4 @@
-"""PARGS reward-guided decoding (csr_plugin/reward_model/guided.py): the batched, KV-cached decoder
+"""PARGS reward-guided decoding (csr_plugin/sampling/pargs_decoding.py): the batched, KV-cached decoder
 against the naive one-forward-per-candidate reference, w = 0 against the policy alone, a reward model
 with a known preference, and `csr eval --rm`."""
 import json
@@ -10,7 +10,7 @@ from PIL import Image
 
 from csr_plugin.config import ConfigError, recipe_from_dict
 from csr_plugin.multimodal import chat_prompt, encode_prompt
-from csr_plugin.reward_model.guided import (DecodeSetup, PargsSettings, check_models, guided_decode,
+from csr_plugin.sampling.pargs_decoding import (DecodeSetup, PargsSettings, check_models, guided_decode,
                                             guided_decode_naive, setup_for)
 from csr_plugin.reward_model.model import MultimodalRewardModel
 
@@ -188,7 +188,7 @@ def test_csr_eval_with_rm_decodes_with_pargs(policy, reward_model, tiny_recipe_d
     from transformers import AutoProcessor
 
     from csr_plugin.cli import main
-    from csr_plugin.reward_model.guided import decode_prompts
+    from csr_plugin.sampling.pargs_decoding import decode_prompts
     from csr_plugin.reward_model.model import load_reward_model, write_reward_model
     from csr_plugin.sampling.engine import stable_seed
 
@@ -226,7 +226,7 @@ def test_each_candidate_reward_equals_a_full_forward_of_its_sequence(sharing, re
     """Two steps on a left-padded batch of 2: every candidate's reward, and after keeping a chosen one,
     every next candidate's, equal the reward model's own uncached forward over prompt + tokens."""
     from csr_plugin.multimodal import batch_inputs
-    from csr_plugin.reward_model.guided import _candidates_expanded, _candidates_side_by_side
+    from csr_plugin.sampling.pargs_decoding import _candidates_expanded, _candidates_side_by_side
     from csr_plugin.reward_model.model import _hf_model
 
     model, processor = policy
@@ -284,7 +284,7 @@ def test_every_family_decodes_the_naive_tokens(family, tmp_path_factory):
 
 
 def test_a_request_reaching_the_sliding_window_is_refused(policy):
-    from csr_plugin.reward_model.guided import check_window
+    from csr_plugin.sampling.pargs_decoding import check_window
 
     model, _ = policy
     gemma_like = types.SimpleNamespace(config=types.SimpleNamespace(get_text_config=lambda: types.SimpleNamespace(

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import make_engine, reference_logprobs
 from test_guided_decoding import _embedding_reward_model, spread_reward_model
 from csr_plugin.config import ConfigError, PargsConfig, SearchConfig, recipe_from_dict
-from csr_plugin.reward_model.guided import _unique_rows, guided_decode_naive
+from csr_plugin.sampling.pargs_decoding import _unique_rows, guided_decode_naive
 from csr_plugin.sampling.engine import Expansion, stable_seed
 from csr_plugin.sampling.pargs_engine import PargsEngine
 
@@ -97,7 +97,7 @@ def test_candidates_are_the_naive_pargs_tokens_with_the_policys_logprobs(tiny_mo
 
 def test_search_temperature_scales_the_policy_term_only(tiny_model_and_processor, reward_model):
     """τ = search.temperature: score log π_τ(v) + w·r over the same top k; the reported log-probs stay log π."""
-    from csr_plugin.reward_model.guided import _candidates
+    from csr_plugin.sampling.pargs_decoding import _candidates
 
     logits = torch.randn(3, 50)
     banned = torch.zeros(50, dtype=torch.bool)

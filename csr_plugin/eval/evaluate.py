@@ -59,7 +59,7 @@ def make_generator(model, processor, cfg: EvalConfig, model_cfg: ModelConfig):
     that a PARGS row's sampling seed depends on (eval.seed, its key) alone, not on its batch."""
     if cfg.decoding == "greedy":
         return lambda items, max_new, desc, keys: generate(model, processor, items, max_new, cfg.batch, desc)
-    from csr_plugin.reward_model.guided import PargsSettings, decode_prompts
+    from csr_plugin.sampling.pargs_decoding import PargsSettings, decode_prompts
     from csr_plugin.reward_model.model import load_reward_model
     from csr_plugin.sampling.engine import stable_seed
 

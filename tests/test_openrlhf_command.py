@@ -4,6 +4,8 @@
 - OpenRLHF's own parser and assertions take its flags;
 - its agent part runs as written on a simulated two-node Ray cluster: the block's runtime_env (with a tiny
   recipe's working_dir), its `--train.agent_func_path`, and OpenRLHF's own loader on the second node.
+
+And docs/distributed.md's DPO node launchers are the ones tests/test_multinode.py runs on two nodes.
 """
 from __future__ import annotations
 
@@ -110,3 +112,22 @@ def test_the_doc_agent_runs_as_written_on_the_second_node(two_nodes, tiny_recipe
     assert "/runtime_resources/py_modules_files/" in seen["executor_file"]   # the shipped package, not the clone
     assert seen["env"]["CSR_RECIPE"] == "recipe.yaml" and seen["hook_installed"]
     assert seen["output_dir"] == str(tmp_path / "out")
+
+
+def test_the_doc_dpo_launchers_are_the_ones_the_two_node_test_runs():
+    """docs/distributed.md's per-node torchrun commands are what tests/test_multinode.py starts on two
+    simulated nodes (there with 1 rank per node, loopback and a free port)."""
+    from test_multinode import _node_launcher
+
+    text = (ROOT / "docs" / "distributed.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text[text.index("## `csr train-dpo`: one torchrun launcher"):], re.S).group(1)
+    commands = [shlex.split(line) for line in block.replace("\\\n", " ").splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    assert len(commands) == 2
+    for rank, words in enumerate(commands):
+        expected = _node_launcher(Path("recipe.yaml"), rank, 29500)
+        expected[0] = "python"
+        expected[expected.index("--nproc-per-node") + 1] = "8"
+        expected[expected.index("--master-addr") + 1] = "10.0.0.1"
+        assert words[:len(expected)] == expected, (rank, words)
+        assert all("=" in w for w in words[len(expected):])   # then only recipe overrides

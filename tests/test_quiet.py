@@ -3,6 +3,7 @@ output under <output_dir>/logs/; `csr --verbose` shows everything; a failing DPO
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,12 @@ def test_failing_train_dpo_prints_the_rank_error_from_its_log(tmp_path, tiny_rec
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"id": "p0", "images": [], "prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
     recipe = json.loads(json.dumps(tiny_recipe_dict))
-    recipe["model"]["path"] = str(tmp_path / "no-such-model")
+    # a model folder that passes the up-front path checks (its config.json loads) but has no weights: the
+    # rank fails loading it
+    broken = tmp_path / "no-such-model"
+    broken.mkdir()
+    shutil.copyfile(Path(recipe["model"]["path"]) / "config.json", broken / "config.json")
+    recipe["model"]["path"] = str(broken)
     recipe.update(output_dir=str(tmp_path / "out"),
                   dpo={"pairs": str(pairs), "nproc": 1, "batch": 1, "micro_batch": 1, "ckpt_steps": 0})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))

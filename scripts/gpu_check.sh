@@ -40,14 +40,19 @@ fi
 # 2. what the node lacks, from the wheelhouse, offline, into a venv that keeps the node's torch
 MISSING=()
 for pair in deepspeed:deepspeed peft:peft open_clip:open_clip_torch timm:timm PIL:pillow torchvision:torchvision \
-            pydantic:pydantic einops:einops; do
+            pydantic:pydantic einops:einops setuptools:setuptools; do   # setuptools: to build DeepSpeed
   "$PY" -c "import ${pair%%:*}" >/dev/null 2>&1 || MISSING+=("${pair##*:}")
 done
 if [ ${#MISSING[@]} -gt 0 ]; then
   echo "installing from $WHEELS: ${MISSING[*]}"
   [ -d "$WHEELS" ] || { echo "FAIL: no wheelhouse at $WHEELS (fill it with scripts/gpu_wheels.sh)"; exit 1; }
-  [ -x "$WORK/venv/bin/python" ] || "$PY" -m venv --system-site-packages "$WORK/venv"
-  PY="$WORK/venv/bin/python"
+  if "$PY" -c "import sys; sys.exit(sys.prefix == sys.base_prefix)"; then
+    # the node's torch lives in a venv, which another venv cannot be layered over: install into it
+    echo "into the node's own venv: $("$PY" -c 'import sys; print(sys.prefix)')"
+  else
+    [ -x "$WORK/venv/bin/python" ] || "$PY" -m venv --system-site-packages "$WORK/venv"
+    PY="$WORK/venv/bin/python"
+  fi
   # DeepSpeed arrives as source: built against the node's torch (no build isolation), no ops compiled
   DS_BUILD_OPS=0 "$PY" -m pip install -q --no-index --find-links "$WHEELS" --no-build-isolation \
     "${MISSING[@]}" >>"$LOG" 2>&1 || { echo "FAIL: offline install (see $LOG)"; exit 1; }

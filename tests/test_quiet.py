@@ -190,14 +190,19 @@ def test_quiet_eval_prints_progress_and_the_result_and_logs_the_rest(tmp_path, t
     code, stdout, stderr = _csr("eval", "--config", tmp_path / "r.yaml", "--out", tmp_path / "eval.json")
     assert code == 0, stdout[-3000:] + stderr[-3000:]
     lines = _terminal_lines(stdout, stderr)
-    # the logs line, progress bars of the stages (CHAIR, 3 POPE settings) and the result line, nothing else;
+    # the logs line, progress bars of the stages (CHAIR, 3 POPE settings) and the result: the CHAIR line,
+    # POPE's table (header, 3 settings, mean F1) and where the result and the answers went, nothing else;
     # at most one line per bar state: CHAIR's 2 batches (0/2, 1/2, 2/2) and 3 x POPE's 4 (0/4 ... 4/4), all
     # of them on a loaded machine (tqdm drops an update only when the next one comes within 0.1 s)
     others = [line for line in lines if not re.match(r"(CHAIR|POPE (random|popular|adversarial)): +\d+%\|", line)]
-    assert len(others) == 2 and len(lines) <= 2 + 3 + 3 * 5, "\n".join(lines)
+    assert len(others) == 1 + 1 + 5 + 1 and len(lines) <= 8 + 3 + 3 * 5, "\n".join(lines)
     assert "warn" not in (stdout + stderr).lower() and "INFO" not in stdout + stderr, stdout + stderr
-    assert stdout.splitlines()[0] == f"logs: {tmp_path / 'out' / 'logs'}/"
-    assert stdout.splitlines()[-1].startswith("CHAIR_s ")
+    out = stdout.splitlines()
+    assert out[0] == f"logs: {tmp_path / 'out' / 'logs'}/"
+    assert out[-7].startswith("CHAIR_s ") and out[-6].split()[:3] == ["POPE", "accuracy", "precision"]
+    assert [line.split()[0] for line in out[-5:-2]] == ["random", "popular", "adversarial"]
+    assert out[-2].startswith("POPE F1 (mean of 3) ")
+    assert out[-1] == f"result: {tmp_path / 'eval.json'}; answers: {tmp_path / 'eval.answers.jsonl'}"
     log = (tmp_path / "out" / "logs" / "csr.log").read_text()
     assert "=== csr eval --config" in log and "Warning" in log   # the library warnings went there
     assert json.loads((tmp_path / "eval.json").read_text())["responses"] == 6

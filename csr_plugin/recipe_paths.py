@@ -72,10 +72,16 @@ def check_model(key: str, path: str, trust_remote_code: bool = False) -> None:
     try:
         from transformers import AutoConfig
 
-        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - any loader error becomes the key's error; the traceback is logged
         raise LoadFailure(f"`{key}` {path!r} does not load as a model config: {_first_line(exc)}. Give a model "
                           "transformers can load (docs/families.md lists the supported families).") from exc
+    from csr_plugin.multimodal import UnsupportedModelError, family_of
+
+    try:
+        family_of(config)   # what the engines check before the weights, here before CLIP and the prompts load
+    except UnsupportedModelError as exc:
+        raise ConfigError(f"`{key}` {path!r}: {exc}") from None
 
 
 def _first_line(exc: BaseException) -> str:

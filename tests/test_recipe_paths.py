@@ -104,6 +104,15 @@ def test_a_folder_that_is_not_a_model(tmp_path, tiny_recipe_dict, nothing_loads,
     assert code == 2 and "has no config.json: not a Hugging Face model folder" in text, text
 
 
+def test_a_model_of_an_unsupported_family_is_named_before_anything_loads(tmp_path, tiny_recipe_dict, nothing_loads,
+                                                                          capsys, restore_logging):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    config = _recipe(tmp_path, tiny_recipe_dict, output_dir=str(tmp_path / "out"), model__path=str(tmp_path / "bert"))
+    code, text = _run(capsys, ["sample", "--config", config])
+    assert code == 2 and "`model.path`" in text and "'bert' is not a supported VLM family" in text, text
+
+
 def test_a_clip_that_does_not_load_is_a_short_error_with_the_traceback_in_the_log(
         tmp_path, tiny_recipe_dict, capsys, restore_logging, monkeypatch):
     monkeypatch.setattr(local, "build_engine", lambda *a, **k: pytest.fail("the VLM loaded before CLIP failed"))

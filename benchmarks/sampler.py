@@ -13,7 +13,11 @@ Ours: the same search settings (recipes/official.yaml semantics), every active
 beam of every prompt of a batch in one engine call per sentence step, CLIP in one
 text batch per step with one image embedding per image.
 
-    python benchmarks/sampler.py [--prompts 16] [--max-sentences 4] [--max-new-tokens 24]
+    python benchmarks/sampler.py [--prompts 16] [--max-sentences 4] [--max-new-tokens 24] [--threads 1]
+
+torch runs one thread by default: on a shared 2-core machine two threads per process
+made the official procedure's many tiny ops 10-100x slower whenever the other core
+was busy, and with them the speed-up (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ import torch
 from csr_plugin.config import recipe_from_dict
 from csr_plugin.sampling.engine import Expansion
 from csr_plugin.sampling.search import PromptJob, SentenceBeamSearch
-from csr_plugin.sampling.local import build_clip, build_engine
+from csr_plugin.reward.clip_relevance import ClipRelevance
+from csr_plugin.sampling.local import build_engine
 from csr_plugin.sampling.prompts import load_image, load_prompts
 from csr_plugin.toy.quickstart import prepare_tiny_assets, write_prompts
 
@@ -62,7 +67,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3, help="each side runs this often; the best time counts")
     parser.add_argument("--assets", default=".cache/tiny")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core machine, 2 threads per process made tiny ops "
+                             "10-100x slower whenever the other core was busy; docs/benchmarks.md)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     root = prepare_tiny_assets(args.assets)
     prompts_dir = Path(args.assets) / f"bench-prompts-{args.prompts}"
@@ -79,7 +88,7 @@ def main() -> None:
                    "calibration": "posthoc", "decoding": "group_beam", "diversity_penalty": 3.0,
                    "batch_prompts": args.prompts},
     })
-    engine, clip = build_engine(recipe), build_clip(recipe)
+    engine, clip = build_engine(recipe), ClipRelevance(recipe.clip)
     records, _ = load_prompts(recipe.data.prompts)
     jobs = []
     for r in records:

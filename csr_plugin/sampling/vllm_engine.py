@@ -41,8 +41,12 @@ from csr_plugin.sampling.sentence_end import sentence_end_token_ids
 from csr_plugin.sampling.transformers_engine import PromptTooLongError
 
 # vLLM's CPU build: no chunked prefill (seeded requests crash with it), eager mode (torch.compile
-# costs tens of seconds per engine start on a small CPU), a 1 GiB KV cache.
-CPU_ENGINE_DEFAULTS = {"enforce_eager": True, "enable_chunked_prefill": False, "kv_cache_memory_bytes": 1 << 30}
+# costs tens of seconds per engine start on a small CPU), a 1 GiB KV cache, and KV blocks of 32
+# tokens, the CPU kernels' smallest, not vLLM's CPU default of 128: the prefix cache shares whole
+# blocks only, so every candidate of every step computes its prompt + prefix's last partial block
+# again (benchmarks/vllm_search.py: 5.2x -> 1.8x the prompt's tokens prefilled per prompt).
+CPU_ENGINE_DEFAULTS = {"enforce_eager": True, "enable_chunked_prefill": False, "kv_cache_memory_bytes": 1 << 30,
+                       "block_size": 32}
 # Set by us from the recipe's other keys; search.vllm may not change them.
 _OWN_ARGS = ("model", "tokenizer", "seed", "trust_remote_code")
 
@@ -164,6 +168,10 @@ class VllmSentenceRules:
         params.min_tokens = 0
         params.logprobs = 0  # the sampled token's log-prob only
         params.skip_special_tokens = True
+        # No text from vLLM: `continuations` decodes each candidate in its prefix's context itself. vLLM's
+        # own detokenizer and the text of every log-prob entry were a third of a search step's time on a
+        # tiny model (benchmarks/vllm_engines.py --profile); the stops are token ids, which need no text.
+        params.detokenize = False
         # Image placeholder, pad and bos must never be sampled: one in a prefix would break the next
         # prefill. -100 is vLLM's strongest bias.
         params.logit_bias = {token: -100.0 for token in sorted(self.banned_ids)} or None

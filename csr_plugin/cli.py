@@ -291,14 +291,15 @@ class _AnyOrderParser(argparse.ArgumentParser):
             self._intermixing = False
 
 
-def _leaf_parsers(parser: argparse.ArgumentParser):
-    """Every parser that runs a command (`csr sample`, `csr recipe show`, ...), nested subcommands included."""
+def _leaf_parsers(parser: argparse.ArgumentParser, leaves_only: bool = True):
+    """Every parser that runs a command (`csr sample`, `csr recipe show`, ...), nested subcommands included;
+    with ``leaves_only=False`` also those in between (`csr recipe`, `csr prepare`)."""
     actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not actions:
+    if not actions or not leaves_only:
         yield parser
     for action in actions:
         for child in dict.fromkeys(action.choices.values()):   # aliases map to the same parser
-            yield from _leaf_parsers(child)
+            yield from _leaf_parsers(child, leaves_only)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -457,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = recipe_sub.add_parser("flags", help="which recipe key sets which OpenRLHF flag (the rest: dpo.openrlhf / "
                                             "ppo.openrlhf)")
     q.set_defaults(func=_cmd_recipe_flags, quiet_logs=True)
-    for leaf in _leaf_parsers(parser):   # `-v` after any command too, as before it
+    for leaf in _leaf_parsers(parser, leaves_only=False):   # `-v` after any command word too, as before it
         if "--verbose" not in leaf._option_string_actions:
             # SUPPRESS: `csr -v curate ...` is not undone by this option's default
             leaf.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)

@@ -46,7 +46,9 @@ def test_flags_and_overrides_in_any_order_and_verbose_before_or_after(command):
     seen = 0
     for argv in _orders(units):
         assert vars(parser.parse_args(words + argv)) == expected, argv
-        for verbose in (["-v", *words, *argv], [*words, "--verbose", *argv], [*words, *argv, "-v"]):
+        # before the command, between its words (`csr recipe -v show`), after them, at the end
+        for verbose in (["-v", *words, *argv], [*words[:1], "-v", *words[1:], *argv], [*words, "--verbose", *argv],
+                        [*words, *argv, "-v"]):
             assert vars(parser.parse_args(verbose)) == {**expected, "verbose": True}, verbose
         seen += 1
     assert seen >= 1

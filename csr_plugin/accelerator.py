@@ -38,6 +38,13 @@ def dtype_name(dtype: str, gpu: bool) -> str:
     return dtype
 
 
+def resolve_dtype(name: str, device):
+    """The torch dtype of a `dtype` setting for a model on ``device`` (a torch.device)."""
+    import torch
+
+    return getattr(torch, dtype_name(name, gpu=device.type == "cuda"))
+
+
 def vllm_dtype(dtype: str) -> str:
     """vLLM's dtype for a `model.dtype` setting: auto = bfloat16, since vLLM's own auto would turn a
     float32 checkpoint into float16 (and its CPU build runs bfloat16)."""

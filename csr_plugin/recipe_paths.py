@@ -89,6 +89,13 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0].rstrip('.') if text else ''}"[:300]
 
 
+def model_load_failure(path: str, exc: BaseException) -> LoadFailure:
+    """What sampling/transformers_engine.py raises when a model folder that passed the checks does not load."""
+    return LoadFailure(f"`model.path` {path!r} did not load: {_first_line(exc)}. Fix: check that the folder holds "
+                       "the weights its config.json names (*.safetensors) and its processor files, whole; the "
+                       "traceback is in the log.")
+
+
 def clip_load_failure(model: str, pretrained: Optional[str], exc: BaseException) -> LoadFailure:
     """What reward/clip_relevance.py raises when open_clip cannot build or load CLIP."""
     if pretrained and not any(sep in pretrained for sep in ("/", "\\")) and hub_offline():

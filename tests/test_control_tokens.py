@@ -86,7 +86,7 @@ def test_transformers_engine_never_samples_them_even_when_the_model_wants_them(u
 
 def test_pargs_and_vllm_engines_ban_them_too(unflagged_qwen):
     from csr_plugin.config import SearchConfig
-    from csr_plugin.reward_model.guided import setup_for
+    from csr_plugin.sampling.pargs_decoding import setup_for
     from csr_plugin.sampling.vllm_engine import VllmEngine
 
     model, processor = load_vlm(ModelConfig(path=str(unflagged_qwen), dtype="float32", device="cpu"))

@@ -124,3 +124,18 @@ def test_a_clip_that_does_not_load_is_a_short_error_with_the_traceback_in_the_lo
     assert "did not load" in text and "Fix:" in text and "Traceback" not in text
     assert len(text.splitlines()) < 10, text
     assert "Traceback" in (tmp_path / "out" / "logs" / "csr.log").read_text()
+
+
+def test_a_model_whose_weights_do_not_load_is_a_short_error_with_the_traceback_in_the_log(
+        tmp_path, tiny_recipe_dict, capsys, restore_logging):
+    """The folder passes the path checks (config.json, processor) but its weights file is truncated."""
+    import shutil
+
+    broken = tmp_path / "vlm"
+    shutil.copytree(tiny_recipe_dict["model"]["path"], broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:1000])
+    config = _recipe(tmp_path, tiny_recipe_dict, output_dir=str(tmp_path / "out"), model__path=str(broken))
+    code, text = _run(capsys, ["sample", "--config", config])
+    assert code == 2 and f"`model.path` {str(broken)!r} did not load" in text and "Fix:" in text, text
+    assert "Traceback" not in text and len(text.splitlines()) < 10, text
+    assert "Traceback" in (tmp_path / "out" / "logs" / "csr.log").read_text()

@@ -2,7 +2,7 @@
 
 The transformers engine with its token choice replaced: every token of a candidate sentence is chosen
 among the policy's top k by log π_τ(v) + w · r(x, y<t v), r from the partial-sequence reward model of
-``search.rm`` (csr_plugin/reward_model/guided.py). One ``expand`` call is ONE batched, KV-cached
+``search.rm`` (csr_plugin/sampling/pargs_decoding.py). One ``expand`` call is ONE batched, KV-cached
 guided decode over all candidates of all requests: each (prompt + prefix) is prefilled once in both
 models and its caches copied to its n candidates, candidate k of a request is seeded
 ``stable_seed(request.seed, k)`` as in the sampling engine, and a candidate stops after a sentence end
@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from csr_plugin.config import ModelConfig, SearchConfig
-from csr_plugin.reward_model.guided import DecodeSetup, PargsSettings, guided_decode_rows
+from csr_plugin.sampling.pargs_decoding import DecodeSetup, PargsSettings, guided_decode_rows
 from csr_plugin.sampling.engine import Continuation, Expansion, added_text, stable_seed
 from csr_plugin.sampling.transformers_engine import TransformersEngine, load_vlm
 

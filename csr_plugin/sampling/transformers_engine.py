@@ -22,9 +22,9 @@ from typing import Optional, Sequence
 import torch
 
 from csr_plugin.config import ModelConfig, SearchConfig
-from csr_plugin.model_source import check_model_path, context_length, dtype_name
+from csr_plugin.accelerator import resolve_device, resolve_dtype
+from csr_plugin.model_source import check_model_path, context_length
 from csr_plugin.multimodal import batch_inputs, chat_prompt, control_token_ids, encode_prompt, family_of, mrope_positions
-from csr_plugin.reward.clip_relevance import resolve_device
 from csr_plugin.sampling.engine import (Continuation, EncodedPrompt, Expansion, added_text, never_sampled_ids,
                                        stable_seed)
 from csr_plugin.sampling.sentence_end import sentence_end_token_ids
@@ -62,10 +62,6 @@ def counter_gumbel(row_seeds: torch.Tensor, step: int, vocab: int) -> torch.Tens
     return -torch.log(-torch.log(uniform))
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    return getattr(torch, dtype_name(name, gpu=device.type == "cuda"))
-
-
 def load_vlm(cfg: ModelConfig):
     """(model, processor) through the same Auto classes for a tiny test model and LLaVA-1.5-7B."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -73,9 +69,16 @@ def load_vlm(cfg: ModelConfig):
     check_model_path(cfg.path)
     family_of(AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code))  # fail before weights
     device = resolve_device(cfg.device)
-    processor = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(
-        cfg.path, dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code)
+    try:
+        processor = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(
+            cfg.path, dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - safetensors, OSError, ValueError...: all a broken folder
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
+        from csr_plugin.recipe_paths import model_load_failure
+
+        raise model_load_failure(cfg.path, exc) from exc   # short on the terminal; the traceback goes to the log
     return model.to(device).eval(), processor
 
 

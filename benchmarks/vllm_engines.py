@@ -36,10 +36,10 @@ import torch
 
 from csr_plugin.config import recipe_from_dict
 from csr_plugin.reward.clip_relevance import ClipRelevance
-from csr_plugin.sampling.search import PromptJob, SentenceBeamSearch
-from csr_plugin.sampling.vllm_engine import VllmEngine
 from csr_plugin.sampling.local import build_engine
 from csr_plugin.sampling.prompts import load_image, load_prompts
+from csr_plugin.sampling.search import PromptJob, SentenceBeamSearch
+from csr_plugin.sampling.vllm_engine import VllmEngine
 from csr_plugin.toy.quickstart import prepare_tiny_assets, write_prompts
 
 
@@ -72,8 +72,8 @@ STAGES = [
 
 
 def print_stages(stats: pstats.Stats) -> None:
-    total = sum(ct for (_, _, _, ct, _) in [stats.stats[k] for k in stats.stats if k[2] == "run"
-                                            and k[0].endswith("csr_plugin/sampling/search.py")])
+    total = sum(v[3] for k, v in stats.stats.items()
+                if k[0].endswith("csr_plugin/sampling/search.py") and k[2] == "run")
     print(f"vLLM engine's search under cProfile: {total:.2f} s")
     for suffix, function, label in STAGES:
         ct = sum(v[3] for k, v in stats.stats.items() if k[0].endswith(suffix) and k[2] == function)

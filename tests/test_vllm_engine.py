@@ -66,11 +66,13 @@ def test_the_recipe_builds_vllm_with_our_cpu_defaults_and_its_engine_args(built)
     assert str(config.model_config.dtype) == "torch.float32"
     assert config.cache_config.enable_prefix_caching
     # CPU defaults: no chunked prefill (seeded requests crash with it), eager, a 1 GiB KV cache, and the
-    # CPU kernels' smallest KV block (32, not vLLM's 128), so prefix-cache hits miss less of each prompt
+    # CPU kernels' smallest KV block (32, not vLLM's 128), so prefix-cache hits miss less of each prompt, and an
+    # encoder cache of 16384 tokens (28 LLaVA-1.5 images), so a batch's images are encoded once, not every step
     assert not config.scheduler_config.enable_chunked_prefill
     assert config.model_config.enforce_eager
     assert config.cache_config.kv_cache_memory_bytes == 1 << 30
     assert config.cache_config.block_size == 32
+    assert config.scheduler_config.encoder_cache_size == 16384
     # search.vllm reached vLLM, and the context guard follows vLLM's limit
     assert config.model_config.max_model_len == engine.max_context == MAX_MODEL_LEN
 
@@ -269,9 +271,9 @@ def test_a_later_step_reads_the_prompt_and_image_from_the_prefix_cache(built):
 
     def cached_tokens(colour, prefix):
         prompt = engine.encode_prompt(question, _image(colour))
+        params = engine.rules.sampling_params(Expansion(prompt, prefix, 1, seed=5))
         [out] = engine.llm.generate([{"prompt_token_ids": prompt.token_ids + prefix,
-                                      "multi_modal_data": prompt.image_inputs}],
-                                    [engine.rules.sampling_params(Expansion(prompt, prefix, 1, seed=5))], use_tqdm=False)
+                                      "multi_modal_data": prompt.image_inputs}], [params], use_tqdm=False)
         return len(out.prompt_token_ids), out.num_cached_tokens
 
     engine.llm.reset_prefix_cache()

@@ -111,8 +111,8 @@ def main() -> None:
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[128, 32],
                         help="one engine per KV block size (vLLM's CPU default was 128; 32 is its smallest)")
     parser.add_argument("--max-num-batched-tokens", type=int,
-                        help="vLLM's max_num_batched_tokens, which also sizes its encoder cache (default: vLLM's, "
-                             "4096 here: 7 images of 576 tokens)")
+                        help="vLLM's max_num_batched_tokens, which also sizes its encoder cache (default: the "
+                             "engine's, 16384 on CPU; vLLM's own CPU default, 4096, holds 7 images of 576 tokens)")
     parser.add_argument("--repeats", type=int, default=3, help="each side runs this often; the best time counts")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine, 2 threads per process made tiny ops "

@@ -14,7 +14,7 @@ import argparse
 from collections import Counter
 
 from csr_plugin.config import ModelConfig
-from csr_plugin.eval.evaluate import generate
+from csr_plugin.sampling.greedy import generate
 from csr_plugin.eval.objects import ObjectVocabulary
 from csr_plugin.eval.pope import build_pope, parse_yes_no
 from csr_plugin.jsonl import load_records

@@ -324,7 +324,7 @@ def test_batched_generation_equals_one_at_a_time_for_every_family(family, tmp_pa
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from csr_plugin.eval.evaluate import generate
+    from csr_plugin.sampling.greedy import generate
     from csr_plugin.toy.tiny_families import build_tiny_family
 
     path = build_tiny_family(family, tmp_path / family)

@@ -15,43 +15,16 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 from csr_plugin.accelerator import release_memory
 from csr_plugin.config import EvalConfig, ModelConfig
 from csr_plugin.eval.chair import chair, object_recall, per_response
 from csr_plugin.eval.objects import ObjectVocabulary
 from csr_plugin.eval.pope import build_pope, parse_yes_no, pope_answer, pope_metrics
 from csr_plugin.jsonl import read_jsonl, write_jsonl_atomic
+from csr_plugin.sampling.greedy import generate
 
 log = logging.getLogger(__name__)
 POPE_SETTINGS = ("random", "popular", "adversarial")
-
-
-@torch.inference_mode()
-def generate(model, processor, items: list[tuple], max_new_tokens: int, batch: int, desc: str) -> list[str]:
-    """Greedy answers for (PIL image, question) items, batched with left padding.
-
-    Images go to the processor as one list per text: Gemma3 and Idefics3/SmolVLM read a
-    flat list as all images of the first text, and every family accepts the nested form.
-    """
-    from csr_plugin.multimodal import chat_prompt
-
-    tokenizer = getattr(processor, "tokenizer", processor)
-    tokenizer.padding_side = "left"
-    answers = []
-    device = next(model.parameters()).device
-    for start in tqdm(range(0, len(items), batch), desc=desc, unit="batch", leave=False):
-        chunk = items[start:start + batch]
-        inputs = processor(images=[[image] for image, _ in chunk], text=[chat_prompt(processor, q) for _, q in chunk],
-                           padding=True, return_tensors="pt").to(device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        answers += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [a.strip() for a in answers]
 
 
 def make_generator(model, processor, cfg: EvalConfig, model_cfg: ModelConfig):

@@ -101,7 +101,8 @@ def test_prompt_cache_prefills_each_prompt_once_and_is_bounded(family):
         engine = TransformersEngine(model, processor, engine.search)
     engine.expand([Expansion(a, [], 2)])
     assert engine.stats == {"prefill_tokens": len(a.token_ids) - 1 + 1, "prompt_prefills": 1,
-                            "rows_dropped": engine.stats["rows_dropped"], "batches": 1, "oom_halvings": 0}
+                            "rows_dropped": engine.stats["rows_dropped"], "batches": 1, "oom_halvings": 0,
+                            "kept_prefixes": 0}
     words = processor.tokenizer.encode(" A red circle is big", add_special_tokens=False)
     engine.expand([Expansion(a, words[:3], 2), Expansion(a, words[:1], 1)])
     assert engine.stats["prompt_prefills"] == 1

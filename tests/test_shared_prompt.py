@@ -165,3 +165,25 @@ def test_csr_sample_trees_are_the_same_shared_copied_and_with_out_of_memory(tmp_
     assert n_before == n_squeezed == len(before) == 6 and summary.done == 6
     assert engine.stats["oom_halvings"] >= 1
     assert shared == before and squeezed == before
+
+
+def test_a_kept_beam_continues_from_its_own_kv(family):
+    """Step 2 continues three candidates of step 1. The engine that kept their KV prefills one token per
+    beam (its last sampled one, never fed back) instead of last prompt token + prefix, and continues as the
+    engine that re-prefills (copied) does."""
+    model, processor = family
+    image = Image.new("RGB", (48, 48), (200, 30, 30))
+    steps = {}
+    for share in (True, False):
+        engine = TransformersEngine(model, processor, SearchConfig(**SEARCH))
+        engine.share_prompt = share
+        prompt = engine.encode_prompt("Describe the image.", image)
+        first = engine.expand([Expansion(prompt, [], 3, seed=1)])[0]
+        before = engine.stats["prefill_tokens"]
+        second = engine.expand([Expansion(prompt, c.token_ids, 2, seed=2 + i) for i, c in enumerate(first)])
+        steps[share] = (first, second, engine.stats["prefill_tokens"] - before, engine.stats["kept_prefixes"])
+    _same([steps[True][0]], [steps[False][0]])
+    _same(steps[True][1], steps[False][1])
+    lengths = [len(c.token_ids) for c in steps[True][0]]
+    assert steps[True][2:] == (3, 3)                          # one token per beam, all three continued
+    assert steps[False][2:] == (sum(1 + n for n in lengths), 0)

@@ -7,7 +7,8 @@ that prompt reads in place (``shared_prompt.py``): rows hold only their own
 tokens, so memory grows with K by the prefixes, not by the 600-token image
 prompt. Each (prompt, prefix) is prefilled once and its own KV replicated for
 its K candidates, and all rows decode together until each has ended its
-sentence. A call larger than ``search.max_batch_tokens`` of KV runs as several
+sentence. Every row's own KV is kept until the next call, so a beam the search
+keeps continues from it: one token prefilled instead of its whole prefix. A call larger than ``search.max_batch_tokens`` of KV runs as several
 batches, and an out-of-memory error halves that budget and goes on. Positions are explicit everywhere (Qwen-VL's
 M-RoPE included), so padding between a cached prompt and its prefix changes
 nothing. Log-probs come from the raw logits of the same forward that chose the
@@ -109,9 +110,15 @@ class TransformersEngine:
         self._lock = threading.Lock()  # one expand at a time: the prompt cache and the model are shared
         # prefill_tokens: real (unpadded) tokens prefilled; prompt_prefills: prompts run through
         # the vision tower and cached; rows_dropped: finished rows compacted out of a decode batch.
-        self.stats = {"prefill_tokens": 0, "prompt_prefills": 0, "rows_dropped": 0, "batches": 0, "oom_halvings": 0}
+        self.stats = {"prefill_tokens": 0, "prompt_prefills": 0, "rows_dropped": 0, "batches": 0, "oom_halvings": 0,
+                      "kept_prefixes": 0}
         # False: every row gets its own copy of its prompt's KV (the engine before sharing, for benchmarks).
         self.share_prompt = True
+        # Each row's own KV after a call, keyed by (prompt, the tokens it covers): a kept beam continues
+        # from it at the next sentence step, prefilling one token instead of its whole prefix. Only until
+        # the next call; with the prompt shared, the rows' own tokens are all a step holds besides it.
+        self._kept: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._reuse: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}   # the last call's, read by this one
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.search = search
@@ -254,7 +261,11 @@ class TransformersEngine:
         index = {id(p): i for i, p in enumerate(prompts)}
         of_request = torch.tensor([index[id(r.prompt)] for r in requests])
 
-        chunks = [r.prompt.token_ids[-1:] + r.prefix_ids for r in requests]
+        # A beam kept from the last step continues from its own KV: only its last token is prefilled.
+        kept = [self._reuse.get(self._kept_key(r.prompt, r.prefix_ids[:-1])) if self.share_prompt and r.prefix_ids
+                else None for r in requests]
+        chunks = [r.prefix_ids[-1:] if k is not None else r.prompt.token_ids[-1:] + r.prefix_ids
+                  for r, k in zip(requests, kept)]
         chunk_width = max(map(len, chunks))
         chunk_ids = torch.full((len(requests), chunk_width), self.pad_id, dtype=torch.long)
         chunk_mask = torch.zeros((len(requests), chunk_width), dtype=torch.long)
@@ -263,19 +274,24 @@ class TransformersEngine:
             start = chunk_width - len(chunk)
             chunk_ids[i, start:] = torch.tensor(chunk)
             chunk_mask[i, start:] = 1
-            first = entries[of_request[i]].last_pos
+            # the last prompt token sits at last_pos, prefix token j at last_pos + 1 + j
+            first = entries[of_request[i]].last_pos + len(r.prefix_ids) + 1 - len(chunk)
             positions[i, start:] = torch.arange(first, first + len(chunk))
         position_ids = positions[None].expand(3, -1, -1) if self.spec.mrope else positions
         self.stats["prefill_tokens"] += sum(map(len, chunks))
+        self.stats["kept_prefixes"] += sum(k is not None for k in kept)
         if self.share_prompt:
             shared = SharedPrompts([[(keys[0], values[0]) for keys, values in e.layers] for e in entries],
                                    of_request.to(self.device))
+            cache, own_mask = self._kept_cache(kept)
             causal = torch.ones(chunk_width, chunk_width, dtype=torch.bool).tril()
             local = causal[None, None] & chunk_mask.bool()[:, None, None, :]   # [R, 1, q, S], True = attend
+            local = torch.cat([own_mask.bool()[:, None, None, :].expand(-1, 1, chunk_width, -1), local], dim=-1)
             with attending(self.model, shared):
                 out = self._forward({"input_ids": chunk_ids, "attention_mask": local, "position_ids": position_ids},
-                                    past_key_values=DynamicCache(config=self.model.config))
-            return out.past_key_values, out.logits[:, -1].float(), chunk_mask.to(self.device), positions[:, -1] + 1, shared
+                                    past_key_values=cache)
+            mask = torch.cat([own_mask, chunk_mask], dim=1)
+            return out.past_key_values, out.logits[:, -1].float(), mask.to(self.device), positions[:, -1] + 1, shared
 
         width = max(len(p.token_ids) - 1 for p in prompts)
         cache = DynamicCache(config=self.model.config)
@@ -292,6 +308,47 @@ class TransformersEngine:
         out = self._forward({"input_ids": chunk_ids, "attention_mask": attention, "position_ids": position_ids},
                             past_key_values=cache)
         return out.past_key_values, out.logits[:, -1].float(), attention.to(self.device), positions[:, -1] + 1, None
+
+    @staticmethod
+    def _kept_key(prompt: EncodedPrompt, tokens: Sequence[int]) -> tuple:
+        return (id(prompt), tuple(tokens))
+
+    def _kept_cache(self, kept: list):
+        """A rows' cache starting with each request's kept own KV, left-padded: (cache, [R, width] mask)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        width = max((k[0][0].shape[1] for k in kept if k is not None), default=0)
+        mask = torch.zeros((len(kept), width), dtype=torch.long)
+        if width == 0:
+            return cache, mask
+        reference = next(k for k in kept if k is not None)
+        for layer_idx, (ref_keys, ref_values) in enumerate(reference):
+            keys = ref_keys.new_zeros((len(kept), *ref_keys.shape[:1], width, ref_keys.shape[-1]))
+            values = ref_values.new_zeros((len(kept), *ref_values.shape[:1], width, ref_values.shape[-1]))
+            for i, k in enumerate(kept):
+                if k is not None:
+                    length = k[layer_idx][0].shape[1]
+                    keys[i, :, width - length:] = k[layer_idx][0]
+                    values[i, :, width - length:] = k[layer_idx][1]
+            cache.update(keys, values, layer_idx)
+        for i, k in enumerate(kept):
+            if k is not None:
+                mask[i, width - k[0][0].shape[1]:] = 1
+        return cache, mask
+
+    def _keep_rows(self, cache, attention: torch.Tensor, rows: torch.Tensor, live: torch.Tensor,
+                   requests: Sequence[Expansion], request_of_row: torch.Tensor, token_buf: torch.Tensor,
+                   lengths: torch.Tensor) -> None:
+        """Keep the own KV of batch rows ``rows`` (positions in the current batch), keyed by what it covers:
+        the last prompt token, the prefix and every sampled token but the last (never fed back)."""
+        for b in rows.tolist():
+            row = int(live[b])
+            request = requests[int(request_of_row[row])]
+            valid = attention[b].bool()
+            new_ids = token_buf[row, :int(lengths[row])].tolist()
+            self._kept[self._kept_key(request.prompt, request.prefix_ids + new_ids[:-1])] = [
+                (layer.keys[b][:, valid].clone(), layer.values[b][:, valid].clone()) for layer in cache.layers]
 
     def _can_use_prompt_cache(self, requests: Sequence[Expansion]) -> bool:
         if not self.prompt_cache or min(len(r.prompt.token_ids) for r in requests) < 2:
@@ -311,6 +368,8 @@ class TransformersEngine:
                 # Bounded: keep only the prompts this call continues (the search drops finished ones).
                 wanted = {id(r.prompt) for r in requests}
                 self._cached = {k: v for k, v in self._cached.items() if k in wanted}
+            # the rows of the last call, which this call's kept beams continue from; none of them after it
+            self._reuse, self._kept = self._kept, {}
             results: list[list[Continuation]] = []
             pending = list(requests)
             while pending:
@@ -323,6 +382,7 @@ class TransformersEngine:
                     self._halve_budget(exc, batch)
                     continue
                 pending = pending[len(batch):]
+            self._reuse = {}
             return results
 
     def kv_tokens(self, requests: Sequence[Expansion]) -> int:
@@ -401,6 +461,9 @@ class TransformersEngine:
                 # Drop finished rows once a quarter of the batch has ended: sentences differ in
                 # length, and decoding dead rows to the longest one would waste most of the step.
                 keep = active.nonzero(as_tuple=True)[0]
+                if shared is not None:
+                    self._keep_rows(cache, attention, (~active).nonzero(as_tuple=True)[0], live, requests,
+                                    request_of_row, token_buf, lengths)
                 self.stats["rows_dropped"] += int(active.numel() - keep.numel())
                 cache.batch_select_indices(keep)
                 if shared is not None:
@@ -420,6 +483,9 @@ class TransformersEngine:
             logits = out.logits[:, -1].float()
             cache = out.past_key_values
             next_pos = next_pos + 1
+        if shared is not None:
+            self._keep_rows(cache, attention, torch.arange(len(live), device=self.device), live, requests,
+                            request_of_row, token_buf, lengths)
 
         token_rows, logprob_rows = token_buf.tolist(), logprob_buf.tolist()
         lengths_t, finish_t, request_t = lengths.tolist(), finish.tolist(), request_of_row.tolist()

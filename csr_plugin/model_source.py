@@ -6,10 +6,6 @@ import json
 from pathlib import Path
 from typing import Optional
 
-# dtype resolution lives with device resolution in accelerator.py; kept importable from here for the
-# engines that import it so
-from csr_plugin.accelerator import dtype_name, vllm_dtype  # noqa: F401
-
 DEFAULT_CONTEXT = 4096   # when neither the config nor the tokenizer states a limit
 # The original LLaVA release (liuhaotian/llava-v1.5-7b and kin) loads only with its own repository's code.
 ORIGINAL_LLAVA_TYPES = {"llava_llama", "llava_mistral", "llava_mpt", "llava_qwen"}

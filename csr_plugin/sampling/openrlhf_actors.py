@@ -22,8 +22,9 @@ from pathlib import Path
 
 import yaml
 
+from csr_plugin.accelerator import vllm_dtype
 from csr_plugin.config import Recipe
-from csr_plugin.model_source import context_length, vllm_dtype
+from csr_plugin.model_source import context_length
 from csr_plugin.multimodal import chat_prompt, processor_image_token_id
 from csr_plugin.openrlhf import AGENT_FILE
 from csr_plugin.sampling.prompts import PromptError, PromptRecord, check_prompt

@@ -32,8 +32,9 @@ import dataclasses
 import os
 from typing import Sequence
 
+from csr_plugin.accelerator import vllm_dtype
 from csr_plugin.config import ConfigError, ModelConfig, SearchConfig
-from csr_plugin.model_source import check_model_path, vllm_dtype
+from csr_plugin.model_source import check_model_path
 from csr_plugin.multimodal import chat_prompt, control_token_ids
 from csr_plugin.sampling.engine import (Continuation, EncodedPrompt, Expansion, FinishReason, added_text,
                                        never_sampled_ids)

@@ -339,11 +339,14 @@ class TransformersEngine:
 
     def _keep_rows(self, cache, attention: torch.Tensor, rows: torch.Tensor, live: torch.Tensor,
                    requests: Sequence[Expansion], request_of_row: torch.Tensor, token_buf: torch.Tensor,
-                   lengths: torch.Tensor) -> None:
+                   lengths: torch.Tensor, finish: torch.Tensor) -> None:
         """Keep the own KV of batch rows ``rows`` (positions in the current batch), keyed by what it covers:
-        the last prompt token, the prefix and every sampled token but the last (never fed back)."""
+        the last prompt token, the prefix and every sampled token but the last (never fed back). A row that
+        ended with EOS is a finished response, never continued: not kept."""
         for b in rows.tolist():
             row = int(live[b])
+            if int(finish[row]) == 1:
+                continue
             request = requests[int(request_of_row[row])]
             valid = attention[b].bool()
             new_ids = token_buf[row, :int(lengths[row])].tolist()
@@ -463,7 +466,7 @@ class TransformersEngine:
                 keep = active.nonzero(as_tuple=True)[0]
                 if shared is not None:
                     self._keep_rows(cache, attention, (~active).nonzero(as_tuple=True)[0], live, requests,
-                                    request_of_row, token_buf, lengths)
+                                    request_of_row, token_buf, lengths, finish)
                 self.stats["rows_dropped"] += int(active.numel() - keep.numel())
                 cache.batch_select_indices(keep)
                 if shared is not None:
@@ -485,7 +488,7 @@ class TransformersEngine:
             next_pos = next_pos + 1
         if shared is not None:
             self._keep_rows(cache, attention, torch.arange(len(live), device=self.device), live, requests,
-                            request_of_row, token_buf, lengths)
+                            request_of_row, token_buf, lengths, finish)
 
         token_rows, logprob_rows = token_buf.tolist(), logprob_buf.tolist()
         lengths_t, finish_t, request_t = lengths.tolist(), finish.tolist(), request_of_row.tolist()

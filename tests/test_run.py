@@ -89,9 +89,11 @@ def test_killed_in_every_stage_then_resumed_equals_uninterrupted(run_recipe):
         assert sorted(trees) == sorted(set(trees)) and len(trees) == 12, "every prompt once"
         resumed, uninterrupted = _pairs(broken / f"iter_{t}"), _pairs(clean / f"iter_{t}")
         assert [p["texts"] for p in resumed] == [p["texts"] for p in uninterrupted], "the same pairs"
-        # CLIP batches differ after a resume (other prompts share them): float rounding only
+        # CLIP and decode batches differ after a resume (other prompts share them), and a kept beam's own KV
+        # comes from its batch's decode: float32 rounding only. abs=1e-6 for rewards near 0, where a relative
+        # bound alone is tighter than float32's rounding of a sum of log-probs (seen: 8.6e-7 on -0.068).
         flat = lambda pairs: [value for p in pairs for value in p["rewards"]]  # noqa: E731
-        assert flat(resumed) == pytest.approx(flat(uninterrupted), rel=1e-5)
+        assert flat(resumed) == pytest.approx(flat(uninterrupted), rel=1e-5, abs=1e-6)
         steps = [json.loads(line)["global_step"]
                  for line in (broken / f"iter_{t}" / "dpo" / "dpo_metrics.jsonl").read_text().splitlines()]
         assert steps == sorted(set(steps)), "a resumed DPO run logs each step once"

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 from csr_plugin.accelerator import release_memory
 from csr_plugin.config import EvalConfig, ModelConfig
@@ -62,7 +63,7 @@ def evaluate(model_cfg: ModelConfig, cfg: EvalConfig, answers_path: Path | None 
     if missing:
         raise ValueError(f"eval.truth {cfg.truth!r} has no objects for {len(missing)} prompts, e.g. {missing[0]!r}")
     vocab = ObjectVocabulary.from_json(cfg.vocabulary)
-    questions = pope_questions(cfg, {p.id: truth[p.id] for p in prompts}, vocab)
+    questions = pope_questions(cfg, prompts, truth, vocab)
     model, processor = load_vlm(model_cfg)
     images: dict[str, object] = {}
 
@@ -113,21 +114,20 @@ def pope_rule(cfg: EvalConfig) -> str:
     return "pope" if cfg.pope_questions.files() else "first_word"
 
 
-def pope_questions(cfg: EvalConfig, image_truth: dict[str, set[str]], vocab: ObjectVocabulary) -> dict[str, list[dict]]:
+def pope_questions(cfg: EvalConfig, prompts: list, truth: dict[str, set[str]],
+                   vocab: Optional[ObjectVocabulary]) -> dict[str, list[dict]]:
     """Per setting, {question_id, image, text, label}: read from eval.pope_questions, or built from the
-    truth of the prompts' images (the toy world's way). ``image_truth`` maps prompt ids to truth."""
+    truth of the ``prompts``' images (the toy world's way; every prompt's id must be in ``truth``)."""
     files = cfg.pope_questions.files()
     if files:
         questions = {s: load_pope_file(path, cfg.pope_images) for s, path in files.items()}
         if cfg.limit is not None:   # the first `limit` images of each file, as eval.limit cuts the prompts
             for s, asked in questions.items():
-                keep = list(dict.fromkeys(q["image"] for q in asked))[:cfg.limit]
-                questions[s] = [q for q in asked if q["image"] in set(keep)]
+                keep = set(list(dict.fromkeys(q["image"] for q in asked))[:cfg.limit])
+                questions[s] = [q for q in asked if q["image"] in keep]
         return questions
-    from csr_plugin.sampling.prompts import load_prompts
-
-    prompts, _ = load_prompts(cfg.prompts, cfg.limit)
     image_of = {p.id: p.image for p in prompts}
+    image_truth = {p.id: truth[p.id] for p in prompts}
     out = {}
     for setting in POPE_SETTINGS:
         built = build_pope(image_truth, vocab.objects, setting, cfg.pope_per_image, seed=cfg.seed)

@@ -94,7 +94,7 @@ def score_responses(cfg: EvalConfig, files: list[tuple[str | None, str]]) -> dic
 
 def _questions_for(cfg: EvalConfig, answers: dict) -> dict[str, list[dict]]:
     if cfg.pope_questions.files():
-        return pope_questions(cfg, {}, None)
+        return pope_questions(cfg, [], {}, None)
     if not (cfg.prompts and cfg.truth and cfg.vocabulary):
         raise ValueError("POPE answers need their questions: set `eval.pope_questions` (POPE's files), or "
                          "`eval.prompts`, `eval.truth` and `eval.vocabulary` to rebuild the generated ones.")
@@ -102,5 +102,5 @@ def _questions_for(cfg: EvalConfig, answers: dict) -> dict[str, list[dict]]:
 
     truth = load_truth(cfg.truth)
     prompts, _ = load_prompts(cfg.prompts, cfg.limit)
-    return pope_questions(cfg, {p.id: truth[p.id] for p in prompts if p.id in truth},
+    return pope_questions(cfg, [p for p in prompts if p.id in truth], truth,
                           ObjectVocabulary.from_json(cfg.vocabulary))

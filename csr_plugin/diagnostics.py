@@ -21,6 +21,8 @@ as ``reward.claim_question``) is judged on the answer instead: a candidate start
 is *right* when it agrees with the truth, so for those pairs "clean" means right and an
 informative pair is a right chosen answer over a wrong rejected one. "Yes." names no object, and
 without this every yes/no pair would read as clean-vs-clean, not informative, whatever it taught.
+A reply to such a question that starts with neither yes nor no ("right.", "YesNo.") is a *fragment*:
+never clean, and ``diag_{chosen,rejected}_fragments`` is its share of that side's yes/no replies.
 """
 from __future__ import annotations
 
@@ -159,13 +161,18 @@ def pair_diagnostics(trees_path: str | Path, pairs_path: str | Path, truth_path:
         verdicts = {}
         for side, rows in sides.items():
             mentions = hallucinated = 0
-            clean, answers = [], []
+            clean, answers, fragments = [], [], []
             for i in known:
                 pid = str(pairs[i]["id"])
                 right = _answer_right(rows[i]["text"], asked[pid], truth[pid]) if asked.get(pid) else None
+                if asked.get(pid):
+                    fragments.append(right is None)
                 if right is not None:
                     answers.append(right)
                     clean.append(right)
+                    continue
+                if asked.get(pid):   # a fragment: no answer is not a clean one, whatever objects it names
+                    clean.append(False)
                     continue
                 mentioned = vocab.mentions(rows[i]["text"])
                 wrong = [m for m in mentioned if m not in truth[pid]]
@@ -176,6 +183,8 @@ def pair_diagnostics(trees_path: str | Path, pairs_path: str | Path, truth_path:
             out[f"diag_{side}_clean"] = _mean(map(float, clean))
             if answers:   # share of this side's yes/no answers that agree with the truth
                 out[f"diag_yes_no_{side}_right"] = _mean(map(float, answers))
+            if fragments:
+                out[f"diag_{side}_fragments"] = _mean(map(float, fragments))
         judged = sum(1 for i in known if asked.get(str(pairs[i]["id"])))
         if judged:
             out["diag_yes_no_pairs"] = judged / len(known)
@@ -210,6 +219,7 @@ def describe(diag: dict) -> str:
                  f"clean expansions {f('diag_clean_expansions', '.0%')}")
     if "diag_yes_no_pairs" in diag:
         line += (f"; yes/no pairs {f('diag_yes_no_pairs', '.0%')}, right chosen/rejected "
-                 f"{f('diag_yes_no_chosen_right', '.0%')}/{f('diag_yes_no_rejected_right', '.0%')}")
+                 f"{f('diag_yes_no_chosen_right', '.0%')}/{f('diag_yes_no_rejected_right', '.0%')}, fragments "
+                 f"chosen/rejected {f('diag_chosen_fragments', '.0%')}/{f('diag_rejected_fragments', '.0%')}")
     return line
 

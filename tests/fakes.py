@@ -10,14 +10,15 @@ class ScriptedEngine:
     """Candidate k of node path P is the sentence ' P.k.' with a log-prob drawn from the path.
 
     ``eos_at`` maps a depth to candidate indices that end with EOS; ``blank_eos_at``
-    to indices that are EOS alone.
+    to indices that are EOS alone; ``texts`` and ``logprobs`` fix a (depth, index)'s text and log-prob.
     """
     max_context = 10_000
 
-    def __init__(self, eos_at=None, blank_eos_at=None, texts=None):
+    def __init__(self, eos_at=None, blank_eos_at=None, texts=None, logprobs=None):
         self.eos_at = eos_at or {}
         self.blank_eos_at = blank_eos_at or {}
         self.texts = texts or {}
+        self.logprobs = logprobs or {}
         self.calls = []
 
     def encode_prompt(self, question, image):
@@ -31,7 +32,7 @@ class ScriptedEngine:
             conts = []
             for k in range(r.n):
                 rng = random.Random(f"{r.prompt.image_inputs['question']}|{r.prefix_ids}|{k}")
-                lp = [-rng.uniform(0.1, 3.0)]
+                lp = [self.logprobs.get((depth, k), -rng.uniform(0.1, 3.0))]
                 if k in self.blank_eos_at.get(depth, ()):
                     conts.append(Continuation([0], lp, "", "eos"))
                     continue

@@ -136,3 +136,16 @@ def test_without_the_question_a_yes_no_pair_reads_as_not_informative(with_a_ques
     d = pair_diagnostics(files / "trees.jsonl", files / "pairs.jsonl", str(files / "truth.jsonl"),
                          str(files / "vocab.json"))
     assert "diag_yes_no_pairs" not in d and d["diag_informative_pairs"] == 0.5   # "No." vs "Yes.": both clean
+
+
+def test_a_fragment_reply_is_counted_and_never_clean(with_a_question):
+    """"right." answers "Is there a box?" with neither yes nor no: chosen over "Yes." it is a fragment (1 of the 1
+    yes/no chosen replies), not clean, and the pair is not informative although the rejected answer is wrong."""
+    files, no, yes = with_a_question
+    fragment = _node(3, 0, " right.", [9], [-0.1], -0.1, -12.0)
+    d = _with_pair(files, fragment, yes)
+    assert d["diag_chosen_fragments"] == 1.0 and d["diag_rejected_fragments"] == 0.0
+    assert d["diag_chosen_clean"] == 0.5                  # "a"'s grounded chosen, then the fragment
+    assert d["diag_informative_pairs"] == 0.5             # "a" only
+    assert "diag_yes_no_chosen_right" not in d            # no chosen yes/no answer to judge
+    assert "fragments chosen/rejected 100%/0%" in describe(d)

@@ -30,8 +30,8 @@ class TextClip:
         return [CLAIMS.get(text, 5.0) for _, _, text in items]
 
 
-def _item(prompt, text, image="a"):
-    return SentenceInContext(image, None, text, prompt)
+def _item(prompt, text, image="a", first=True):
+    return SentenceInContext(image, None, text, prompt, first=first)
 
 
 def test_claims_are_scored_against_the_images_mean_and_other_sentences_as_before():
@@ -42,12 +42,42 @@ def test_claims_are_scored_against_the_images_mean_and_other_sentences_as_before
              _item("USER: <image>\nIs there a circle in the picture? ASSISTANT:", "yes, there is one."),
              _item("Is there a circle in the image?", "No, there is no circle."),
              _item("Describe the image.", "Yes."),                                 # no object question: plain
-             _item("Is there a square in the image?", "There is a red circle."),   # no yes/no answer: plain
-             _item("Is there a square in the image?", "Nobody knows.")]            # "no" must be a whole word
-    assert scorer.visual(items) == [12.0 - 16.0, 16.0 - 12.0, 30.0 - 16.0, 16.0 - 30.0, 5.0, 5.0, 5.0]
+             _item("Is there a square in the image?", "There is a red circle.", first=False)]   # after the answer: plain
+    assert scorer.visual(items) == [12.0 - 16.0, 16.0 - 12.0, 30.0 - 16.0, 16.0 - 30.0, 5.0, 5.0]
     assert clip.texts.count("There is a triangle.") == 1   # the yardstick b: once per image
     scorer.visual([_item("Is there a square in the image?", "Yes.", image="b")])
     assert clip.texts.count("There is a triangle.") == 2   # a new image gets its own
+
+
+@pytest.mark.parametrize("reply", ["right.", "YesNo.", "Nobody knows.", "There is a red circle.", "Square."])
+def test_a_reply_that_is_neither_yes_nor_no_gets_the_worse_claim(reply):
+    """c(square) - b = 12 - 16 = -4: "Yes." scores -4, "No." +4, a non-answer -4 (it ties the wrong answer, never
+    beats the right one); c(circle) - b = +14: "No." scores -14, a non-answer -14. "YesNo." and "Nobody" do not
+    start with the whole word yes or no."""
+    scorer = ClaimVisual(visual_scorer(TextClip()), ["circle", "square", "triangle"], QUESTION, TEMPLATES)
+    got = scorer.visual([_item("Is there a square in the image?", reply), _item("Is there a circle in the image?", reply),
+                         _item("Describe the image.", reply)])
+    assert got == [-4.0, -14.0, CLAIMS.get(reply, 5.0)]   # the description prompt: a plain sentence, as before
+
+
+def test_search_never_chooses_a_non_answer_over_the_right_answer():
+    """The scripted model prefers the fragment "right." (log-prob -0.1 against -2.0 for "Yes."/"No."); the claim
+    makes it the worst answer but one tie, so the chosen reply is the right one and the rejected is never "Yes."."""
+    from csr_plugin.config import CurationConfig, SearchConfig
+    from csr_plugin.sampling.search import PromptJob, SentenceBeamSearch
+
+    engine = ScriptedEngine(eos_at={1: {0, 1, 2}}, texts={(1, 0): " Yes.", (1, 1): " No.", (1, 2): " right."},
+                            logprobs={(1, 0): -2.0, (1, 1): -2.0, (1, 2): -0.1})
+    scorer = ClaimVisual(visual_scorer(TextClip()), ["circle", "square", "triangle"], QUESTION, TEMPLATES)
+    search = SentenceBeamSearch(engine, scorer,
+                                SearchConfig(beam_width=1, candidates=3, keep_top=1, keep_bottom=0, max_sentences=1),
+                                RewardConfig(lambda_=0.9), CurationConfig())
+    job = PromptJob("psquare", "a", "Is there a square in the image?", None,
+                    engine.encode_prompt("Is there a square in the image?", None))
+    (tree,) = search.run([job])
+    answers = {n.text.strip(): n for n in tree.nodes[1:]}
+    assert answers["right."].r_i == answers["Yes."].r_i == -4.0 and answers["No."].r_i == 4.0
+    assert max(answers, key=lambda a: answers[a].reward) == "No."
 
 
 def test_an_objects_claim_is_the_mean_over_the_templates_and_an_object_outside_the_vocabulary_is_scored_too():

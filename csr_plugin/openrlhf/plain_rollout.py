@@ -102,7 +102,8 @@ def response_tree(job: PromptJob, tokenizer, ids: list[int], logprobs: list[floa
     items, prefix = [], []
     for node in nodes:
         items.append(SentenceInContext(job.image, job.image_data, node.text.strip(), job.prompt_text or job.question,
-                                       tuple(prefix), tuple(node.token_ids), job.prompt_text is not None))
+                                       tuple(prefix), tuple(node.token_ids), job.prompt_text is not None,
+                                       first=not items))
         prefix += node.token_ids
     for node, r_i in zip(nodes, visual_scorer(visual).visual(items) if items else []):
         node.r_i = r_i

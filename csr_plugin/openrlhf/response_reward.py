@@ -226,7 +226,8 @@ class ResponseRewardScorer:
         carries its EOS (text-only items have no ids to give back)."""
         image = self.image(item.image)
         if not getattr(self.visual, "needs_ids", False):   # CLIP reads the text alone: no tokenizing
-            return [SentenceInContext(item.image, image, text, item.prompt_text, templated=True) for text in texts]
+            return [SentenceInContext(item.image, image, text, item.prompt_text, templated=True, first=k == 0)
+                    for k, text in enumerate(texts)]
         ids = list(item.response_ids) if item.response_ids is not None else \
             self.tokenizer(item.response_text, add_special_tokens=False)["input_ids"]
         tail = list(original.response_ids[len(ids):]) if original.response_ids is not None else []
@@ -240,7 +241,7 @@ class ResponseRewardScorer:
         for k, (text, end) in enumerate(zip(texts, ends)):
             out.append(SentenceInContext(item.image, image, text, item.prompt_text, tuple(ids[:start]),
                                          tuple(ids[start:end]) + (tuple(tail) if k == len(texts) - 1 else ()),
-                                         templated=True))
+                                         templated=True, first=k == 0))
             start = end
         return out
 

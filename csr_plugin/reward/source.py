@@ -24,6 +24,7 @@ class SentenceInContext:
     prefix_ids: tuple[int, ...] = ()    # response token ids before the sentence
     sentence_ids: tuple[int, ...] = ()  # the sentence's own token ids (EOS included when it ended there)
     templated: bool = False
+    first: bool = True                  # the response's first sentence: where an answer to a yes/no question is
 
 
 class ClipVisual:

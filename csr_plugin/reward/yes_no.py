@@ -16,7 +16,12 @@ nothing at all), b the mean of c over the objects of ``reward.claim_vocabulary``
 image: the image's own yardstick, so an object CLIP finds more relevant than the image's average
 object is a yes. CLIP cannot read negation ("There is no square." scores like "There is a
 square."), which is why "no" is scored as the claim's complement rather than by its own words.
-Every other sentence is scored exactly as before.
+A first sentence that answers such a question with neither yes nor no ("right.", "YesNo.", "There is a
+red circle." to "Is there a square?") is a non-answer: it gets the worse of the two claims,
+-|c(object) - b|, so it can never beat the answer the image supports, and can tie only with the wrong
+one. Scored as a plain sentence it could be chosen (by iteration 3 of the toy recipe 3-27% of the chosen
+yes/no answers were such fragments). Later sentences of an answer ("Yes. It is at the top left.") and
+every other sentence are scored exactly as before.
 """
 from __future__ import annotations
 
@@ -44,13 +49,16 @@ class ClaimVisual:
     def needs_ids(self) -> bool:
         return getattr(self.inner, "needs_ids", False)
 
-    def claim_of(self, item) -> tuple[str, bool] | None:
-        """(object asked about, answered yes) when ``item`` answers an object question with yes or no; else None."""
-        answer = ANSWER.match(item.text)
+    def claim_of(self, item) -> tuple[str, bool | None] | None:
+        """(object asked about, answered yes) when ``item`` answers an object question with yes or no, (object,
+        None) when it is the first sentence of a reply to one and says neither (a non-answer); else None."""
         asked = self.question.search(item.prompt or "")
-        if answer is None or asked is None:
+        if asked is None:
             return None
-        return asked.group("object").strip().lower(), answer.group(1).lower() == "yes"
+        answer = ANSWER.match(item.text)
+        if answer is None and not getattr(item, "first", True):
+            return None
+        return asked.group("object").strip().lower(), None if answer is None else answer.group(1).lower() == "yes"
 
     def visual(self, items: Sequence) -> list[float]:
         claims = [self.claim_of(item) for item in items]
@@ -63,7 +71,7 @@ class ClaimVisual:
                 continue
             scores = self.claim_scores(item, claim[0])
             relative = scores[claim[0]] - sum(scores[o] for o in self.vocabulary) / len(self.vocabulary)
-            out.append(relative if claim[1] else -relative)
+            out.append(-abs(relative) if claim[1] is None else relative if claim[1] else -relative)
         return out
 
     def claim_scores(self, item, asked: str) -> dict:

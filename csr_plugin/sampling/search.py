@@ -197,7 +197,8 @@ class SentenceBeamSearch:
         templated = job.prompt_text is not None
         return SentenceInContext(job.image, job.image_data, node.text.strip(),
                                  job.prompt_text if templated else job.question,
-                                 tuple(beam.prefix[node.parent]), tuple(node.token_ids), templated)
+                                 tuple(beam.prefix[node.parent]), tuple(node.token_ids), templated,
+                                 first=not beam.path_texts[node.parent])
 
     def _prune(self, beam: _Beam, children: list[Node], last_step: bool) -> None:
         pool = []

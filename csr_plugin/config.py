@@ -566,6 +566,13 @@ class LoopConfig:
                              "empty = a Ray instance on this machine for each sampling stage.", default="")
     ray_actors: int = _help("With sample_on: ray, sampling actors; 0 = one per GPU of the cluster on GPUs, "
                             "2 on CPUs.", default=0)
+    holdout: str = _help("Held-out prompts JSONL ({id, image, question}, never sampled for pairs): each iterate's "
+                         "greedy answers are scored by the calibrated reward (R_T from model.path), an iteration that "
+                         "lowers it is reported and results.json names the best iterate (`selected`); empty = off. "
+                         "docs/method.md, 'Keeping the gains'.", default="")
+    on_decline: Literal["report", "stop"] = _help(
+        "When an iteration lowers the held-out reward (loop.holdout): report it and go on, or stop the loop there "
+        "(the next iteration would start from the worse iterate).", default="stop")
 
     def validate(self, where: str) -> None:
         if self.iterations < 1:

@@ -8,9 +8,12 @@ For t = 1..T: sample with iterate t-1 -> curate -> DPO with reference iterate t-
     iter_<t>/dpo/final/                  the new iterate (``.complete`` once whole)
     iter_<t>/timing.jsonl                wall time of every stage attempt
     metrics.jsonl, metrics.png           one row per finished iteration, pair diagnostics included
+    holdout_base.jsonl, iter_<t>/holdout.jsonl
+                                         with loop.holdout: each iterate's scored held-out answers (holdout.py)
     logs/                                warnings, library logs, the DPO ranks' output (quiet default)
     results.json                         hallucination per iterate, 0 = the starting model
-                                         (with an ``eval`` section: CHAIR and POPE)
+                                         (with an ``eval`` section: CHAIR and POPE), the held-out
+                                         reward per iterate and the ``selected`` one (loop.holdout)
 
 Rerunning after a kill anywhere continues where it stopped: finished trees are
 kept, a DPO run resumes from its last DeepSpeed checkpoint, finished stages are skipped.
@@ -25,6 +28,7 @@ from pathlib import Path
 from csr_plugin.accelerator import release_memory
 from csr_plugin.config import Recipe, load_recipe
 from csr_plugin.curation import curate_file
+from csr_plugin.holdout import declined, selected_iterate
 from csr_plugin.multimodal import model_control_token_ids
 from csr_plugin.jsonl import JsonlAppender, load_records, write_jsonl_atomic
 
@@ -124,6 +128,20 @@ def _evaluate_iterate(recipe: Recipe, t: int, path: Path) -> dict:
             "pope_adversarial_f1": result["pope_adversarial"]["f1"]}
 
 
+def _holdout(recipe: Recipe, t: int, out: Path, history: list[dict]) -> dict:
+    """Iterate t's held-out reward (loop.holdout), appended to ``history``; {} when off."""
+    from csr_plugin.holdout import score_iterate
+    from csr_plugin.run_logs import say
+
+    if not recipe.loop.holdout:
+        return {}
+    base = out / "holdout_base.jsonl"
+    say(f"iteration {t}: held-out reward ..." if t else "iteration 0: held-out reward of the starting model ...")
+    result = score_iterate(recipe, iterate_path(recipe, t), out / f"iter_{t}" / "holdout.jsonl" if t else base, base)
+    history.append({"iteration": t, **result})
+    return result
+
+
 def run(config_path: str, overrides: list[str] | None = None, on_iteration=None) -> list[dict]:
     """All iterations; ``on_iteration(row)`` is called as each one finishes (the demo prints it)."""
     from csr_plugin.run_logs import say, subprocess_log
@@ -133,13 +151,18 @@ def run(config_path: str, overrides: list[str] | None = None, on_iteration=None)
     overrides = list(overrides or [])
     recipe = load_recipe(config_path, overrides)
     preflight(recipe, loop=True)
+    if recipe.loop.holdout:
+        from csr_plugin.holdout import check_disjoint
+
+        check_disjoint(recipe)
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows, hallucination = [], []
+    rows, hallucination, holdout = [], [], []
     if recipe.eval.prompts:
         hallucination.append(_evaluate_iterate(recipe, 0, out / "eval_base.json"))
-        if on_iteration:
-            on_iteration({**hallucination[0]})
+    start = _holdout(recipe, 0, out, holdout)
+    if on_iteration and (hallucination or holdout):
+        on_iteration({"iteration": 0, **(hallucination[0] if hallucination else {}), **start})
     for t in range(1, recipe.loop.iterations + 1):
         folder = out / f"iter_{t}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -170,18 +193,40 @@ def run(config_path: str, overrides: list[str] | None = None, on_iteration=None)
         if recipe.eval.prompts:
             hallucination.append(_evaluate_iterate(recipe, t, folder / "eval.json"))
             row.update({k: v for k, v in hallucination[-1].items() if k != "iteration"})
-            _write_results(out / "results.json", hallucination)
+        row.update(_holdout(recipe, t, out, holdout))
+        if hallucination or holdout:
+            _write_results(out / "results.json", hallucination, holdout)
         rows.append(row)
         write_jsonl_atomic(out / "metrics.jsonl", rows)
         plot_metrics(rows, out / "metrics.png", hallucination)
         if on_iteration:
             on_iteration(row)
+        if _declined(recipe, holdout) and recipe.loop.on_decline == "stop":
+            say(f"stopping after iteration {t} (loop.on_decline: stop); use iterate {selected_iterate(holdout)}: "
+                f"{iterate_path(recipe, selected_iterate(holdout))}")
+            break
     return rows
 
 
-def _write_results(path: Path, hallucination: list[dict]) -> None:
+def _declined(recipe: Recipe, holdout: list[dict]) -> bool:
+    """Says so when the newest iteration lowered the held-out reward."""
+    from csr_plugin.run_logs import say
+
+    if not declined(holdout):
+        return False
+    before, now = holdout[-2], holdout[-1]
+    say(f"iteration {now['iteration']} LOWERED the held-out reward: {before['holdout_reward']:.3f} -> "
+        f"{now['holdout_reward']:.3f} (iterate {before['iteration']} -> {now['iteration']}); best so far: iterate "
+        f"{selected_iterate(holdout)}")
+    return True
+
+
+def _write_results(path: Path, hallucination: list[dict], holdout: list[dict] | None = None) -> None:
+    results: dict = {"iterations": hallucination}
+    if holdout:   # the iterate to use, chosen without ground truth
+        results.update(holdout=holdout, selected=selected_iterate(holdout))
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"iterations": hallucination}, indent=2))
+    tmp.write_text(json.dumps(results, indent=2))
     tmp.replace(path)
 
 

@@ -157,6 +157,9 @@ def check_recipe_paths(recipe: Recipe, command: str, model: Optional[str] = None
     if command in ("sample", "run", "train-ppo"):
         _check_prompts(recipe)
     if command == "run":
+        if recipe.loop.holdout:
+            check_file("loop.holdout", recipe.loop.holdout, 'give held-out prompts JSONL {"id", "image", "question"} '
+                       "that data.prompts does not hold, or set loop.holdout: ''")
         if recipe.data.truth:
             check_file("data.truth", recipe.data.truth, "give the prompts' ground truth JSONL {id, objects}, or ''")
     if command in ("run", "train-dpo") and recipe.dpo.sft_data:

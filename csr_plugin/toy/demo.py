@@ -24,8 +24,12 @@ SFT_MIX_SCENES = 512
 # the CSR prompt files csr demo writes per seed, and their truth: descriptions only (recipes/toy-describe.yaml),
 # or with a yes/no question about every kind (recipes/toy.yaml, write_yes_no_prompts)
 CSR_TRUTH = {"prompts.jsonl": "truth.jsonl", "questions.jsonl": "questions_truth.jsonl"}
-SIZES = {"full": {"sft": 4000, "csr": 256, "eval": 500, "clip": 4000, "clip_steps": 600, "vlm_steps": 1500},
-         "quick": {"sft": 1500, "csr": 32, "eval": 40, "clip": 1500, "clip_steps": 150, "vlm_steps": 300}}
+# holdout: CSR scenes after the csr split's (the same draw, so the csr split is unchanged), never sampled for
+# pairs: their prompts score each iterate by the calibrated reward alone (loop.holdout, csr_plugin/holdout.py)
+SIZES = {"full": {"sft": 4000, "csr": 256, "holdout": 64, "eval": 500, "clip": 4000, "clip_steps": 600,
+                  "vlm_steps": 1500},
+         "quick": {"sft": 1500, "csr": 32, "holdout": 8, "eval": 40, "clip": 1500, "clip_steps": 150,
+                   "vlm_steps": 300}}
 
 
 def prepare_toy(root: str | Path, seed: int, size: str = "full") -> Path:
@@ -36,9 +40,11 @@ def prepare_toy(root: str | Path, seed: int, size: str = "full") -> Path:
     folder = Path(root) / (f"seed{seed}" if size == "full" else f"seed{seed}-{size}")
     folder.mkdir(parents=True, exist_ok=True)
     scenes = {split: world.make_split(split, sizes[split], seed) for split in ("sft", "csr", "eval", "clip")}
-    for split in ("csr", "eval"):
+    scenes["holdout"] = world.make_split("csr", sizes["csr"] + sizes["holdout"], seed)[sizes["csr"]:]
+    for split in ("csr", "holdout", "eval"):
         write_split_once(scenes[split], folder / split, seed)
     write_yes_no_prompts(folder / "csr")
+    write_yes_no_prompts(folder / "holdout")
     write_sft_mix_once(scenes["sft"][:SFT_MIX_SCENES], folder / "sft", seed)
     world.vocabulary_json(folder / "objects.json")
     # a cache built by an older recipe of the toy CLIP is rebuilt, not silently reused
@@ -125,7 +131,8 @@ def toy_overrides(folder: Path, output: str, iterations: int, lambda_: float,
                          "csr demo writes those for each seed.")
     return [f"model.path={folder / 'vlm'}", f"clip.config={folder / 'clip' / 'toy-clip.json'}",
             f"clip.pretrained={folder / 'clip' / 'toy-clip.pt'}", f"data.prompts={folder / 'csr' / prompts}",
-            f"data.truth={folder / 'csr' / CSR_TRUTH[prompts]}", f"reward.claim_vocabulary={folder / 'objects.json'}",
+            f"data.truth={folder / 'csr' / CSR_TRUTH[prompts]}", f"loop.holdout={folder / 'holdout' / prompts}",
+            f"reward.claim_vocabulary={folder / 'objects.json'}",
             f"eval.prompts={folder / 'eval' / 'prompts.jsonl'}", f"eval.truth={folder / 'eval' / 'truth.jsonl'}",
             f"eval.vocabulary={folder / 'objects.json'}", f"dpo.sft_data={folder / 'sft' / 'sft.jsonl'}",
             f"output_dir={output}",
@@ -136,9 +143,9 @@ def _print_row(row: dict) -> None:
     """Hallucination of the iterate, then what its training pairs looked like (iteration >= 1)."""
     fmt = lambda key, spec: format(row[key], spec) if isinstance(row.get(key), (int, float)) else "-"  # noqa: E731
     if row["iteration"] == 0:
-        print(f"\n{'':4} {'evaluation of the iterate':^38} | {'the pairs it was trained on':^40}\n"
-              f"{'iter':>4} {'CHAIR_s':>8} {'CHAIR_i':>8} {'POPE F1':>8} {'recall':>7} | {'informative':>11} "
-              f"{'CHAIR_i +/-':>12} {'R_I +/-':>11} {'fluency +/-':>12}")
+        print(f"\n{'':4} {'evaluation of the iterate':^47} | {'the pairs it was trained on':^40}\n"
+              f"{'iter':>4} {'CHAIR_s':>8} {'CHAIR_i':>8} {'POPE F1':>8} {'recall':>7} {'held-out':>8} | "
+              f"{'informative':>11} {'CHAIR_i +/-':>12} {'R_I +/-':>11} {'fluency +/-':>12}")
     pairs = ""
     if row["iteration"] > 0:
         pairs = (f"{fmt('diag_informative_pairs', '11.0%')} "
@@ -146,7 +153,7 @@ def _print_row(row: dict) -> None:
                  f"{fmt('chosen_r_i', '5.1f')}/{fmt('rejected_r_i', '<5.1f')} "
                  f"{fmt('diag_chosen_fluency', '6.2f')}/{fmt('diag_rejected_fluency', '<5.2f')}")
     print(f"{row['iteration']:>4} {fmt('chair_s', '8.3f')} {fmt('chair_i', '8.3f')} {fmt('pope_f1', '8.3f')} "
-          f"{fmt('object_recall', '7.3f')} | {pairs}", flush=True)
+          f"{fmt('object_recall', '7.3f')} {fmt('holdout_reward', '8.2f')} | {pairs}", flush=True)
 
 
 def run_demo(output: str, seed: int, iterations: int, lambda_: float, recipe: str = "recipes/toy.yaml",
@@ -163,9 +170,12 @@ def run_demo(output: str, seed: int, iterations: int, lambda_: float, recipe: st
     run(recipe, toy_overrides(folder, output, iterations, lambda_, prompts) + list(extra or []),
         on_iteration=_print_row)
     results = json.loads((Path(output) / "results.json").read_text())
-    base, last = results["iterations"][0], results["iterations"][-1]
+    # the iterate the held-out reward selects (no ground truth), else the last one
+    chosen = results.get("selected", results["iterations"][-1]["iteration"])
+    base, last = results["iterations"][0], results["iterations"][chosen]
     change = (last["chair_i"] - base["chair_i"]) / base["chair_i"] if base["chair_i"] else float("nan")
+    which = f"iterate {chosen}, selected by the held-out reward" if "selected" in results else f"iterate {chosen}"
     print(f"\nCHAIR_i {base['chair_i']:.3f} -> {last['chair_i']:.3f} ({change:+.0%}), POPE F1 "
-          f"{base['pope_f1']:.3f} -> {last['pope_f1']:.3f}; {time.monotonic() - started:.0f}s in all")
+          f"{base['pope_f1']:.3f} -> {last['pope_f1']:.3f} ({which}); {time.monotonic() - started:.0f}s in all")
     print(f"results: {Path(output) / 'results.json'}   plot: {Path(output) / 'metrics.png'}")
     return results

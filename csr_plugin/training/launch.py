@@ -39,6 +39,9 @@ def preflight(recipe: Recipe, loop: bool = False) -> None:
     if recipe.dpo.sft_data and not Path(recipe.dpo.sft_data).is_file():
         raise ConfigError(f"`dpo.sft_data`: no file at {recipe.dpo.sft_data}; give the SFT examples JSONL "
                           f"(training/sft_mix.py shows the format) or remove the key to train without them.")
+    if loop and recipe.loop.holdout and recipe.reward.fusion != "paper":
+        raise ConfigError("`loop.holdout` scores answers with the calibrated reward of one response at a time, which "
+                          "needs `reward.fusion: paper` (rank fusion ranks siblings); set it, or loop.holdout: ''.")
     if loop and not recipe.dpo.lora_merge:
         raise ConfigError("`dpo.lora_merge: false` leaves each iterate as a LoRA adapter, but `csr run` samples "
                           "with it and trains the next iteration from it as a whole model: set "

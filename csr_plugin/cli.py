@@ -207,6 +207,17 @@ def _cmd_prepare_coco(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare_holdout(args: argparse.Namespace) -> int:
+    from csr_plugin.holdout import split_holdout
+
+    got = split_holdout(args.prompts, args.out, args.count, args.seed)
+    print(f"{got['train']} prompts to train on, {got['holdout']} held out ({got['images']} images)"
+          + (f"; {got['unusable']} unusable lines left out" if got["unusable"] else "") + f" -> {args.out}")
+    print(f"in the recipe: data.prompts: {Path(args.out) / 'train.jsonl'}  and  loop.holdout: "
+          f"{Path(args.out) / 'holdout.jsonl'}")
+    return 0
+
+
 def _cmd_train_ppo(args: argparse.Namespace) -> int:
     from csr_plugin.openrlhf.ppo import train_ppo, write_ppo_prompts, write_working_dir
 
@@ -374,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     _quiet_by_default(p)
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("prepare", help="`csr prepare coco`: COCO's CHAIR prompts, truth, objects and POPE files",
+    p = sub.add_parser("prepare", help="`csr prepare coco`: COCO's CHAIR and POPE files; `csr prepare holdout`: held-out prompts",
                        description="Builds an evaluation set for `csr eval` from a dataset download.")
     prepare_sub = p.add_subparsers(dest="prepare_command", metavar="DATASET", required=True)
     q = prepare_sub.add_parser("coco", help="from COCO's instances_<split>.json and captions_<split>.json",
@@ -389,6 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--count", type=int, default=500, help="images for CHAIR and for POPE (default: 500)")
     q.add_argument("--seed", type=int, default=0, help="sampling seed of the images and POPE's negatives")
     q.set_defaults(func=_cmd_prepare_coco, quiet_logs=True)
+    q = prepare_sub.add_parser("holdout", help="split CSR prompts by image into train.jsonl and holdout.jsonl "
+                                               "(loop.holdout)",
+                               description="Holds out --count images of a prompts file (every question about one "
+                                           "image on one side): data.prompts and loop.holdout of `csr run`.")
+    q.add_argument("--prompts", required=True, metavar="FILE", help="the CSR prompts JSONL {id, image, question}")
+    q.add_argument("--out", required=True, metavar="DIR", help="where train.jsonl and holdout.jsonl go")
+    q.add_argument("--count", type=int, default=100, help="images to hold out (default: 100)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the draw")
+    q.set_defaults(func=_cmd_prepare_holdout, quiet_logs=True)
 
     p = sub.add_parser("serve-reward", help="HTTP server for OpenRLHF's --reward.remote_url: calibrated rewards",
                        description="POST /get_reward {query, prompts, labels} -> {rewards, scores}; the image "

@@ -131,3 +131,28 @@ def selected_iterate(history: list[dict]) -> int:
 def declined(history: list[dict]) -> bool:
     """Whether the newest iterate's held-out reward is below the one before it."""
     return len(history) >= 2 and history[-1]["holdout_reward"] < history[-2]["holdout_reward"]
+
+
+def split_holdout(prompts_path: str, out: str, count: int, seed: int = 0) -> dict:
+    """``prompts_path`` split by image into ``out``/train.jsonl and ``out``/holdout.jsonl (``count`` images held
+    out, a seeded draw): every question about one image lands on one side. Image paths are written absolute,
+    so the files work from any folder."""
+    import random
+
+    from csr_plugin.config import ConfigError
+    from csr_plugin.sampling.prompts import load_prompts
+
+    prompts, bad = load_prompts(prompts_path)
+    images = sorted({p.image for p in prompts})
+    if not 0 < count < len(images):
+        raise ConfigError(f"--count {count}: {prompts_path!r} has {len(images)} distinct images; hold out at least 1 "
+                          "and leave some to train on.")
+    held = set(random.Random(seed).sample(images, count))
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    sides = {"train.jsonl": [p for p in prompts if p.image not in held],
+             "holdout.jsonl": [p for p in prompts if p.image in held]}
+    for name, rows in sides.items():
+        write_jsonl_atomic(folder / name, [{"id": p.id, "image": p.image, "question": p.question} for p in rows])
+    return {"train": len(sides["train.jsonl"]), "holdout": len(sides["holdout.jsonl"]), "images": count,
+            "unusable": len(bad)}

@@ -126,3 +126,25 @@ def test_with_report_the_loop_goes_on_and_still_names_the_best_iterate(monkeypat
     assert results["selected"] == 2
     out = capsys.readouterr().out
     assert "iteration 3 LOWERED" in out and "iteration 4 LOWERED" not in out   # 1.9 is above 1.2
+
+
+def test_prepare_holdout_splits_by_image_and_the_recipe_takes_the_two_files(tmp_path, capsys):
+    from csr_plugin.cli import main
+    from csr_plugin.sampling.prompts import load_prompts
+
+    (tmp_path / "p.jsonl").write_text("".join(
+        json.dumps({"id": f"{i}-{q}", "image": f"img{i}.png", "question": question}) + "\n"
+        for i in range(10) for q, question in enumerate(("Describe.", "Is there a cat in the image?"))))
+    assert main(["prepare", "holdout", "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "split"),
+                 "--count", "3"]) == 0
+    train, held = (load_prompts(tmp_path / "split" / name)[0] for name in ("train.jsonl", "holdout.jsonl"))
+    assert (len(train), len(held)) == (14, 6)                       # 7 and 3 images, two questions each
+    assert not {p.image for p in train} & {p.image for p in held}   # an image's questions stay on one side
+    assert all(p.image.startswith(str(tmp_path)) for p in held)     # absolute: usable from any folder
+    assert "loop.holdout: " + str(tmp_path / "split" / "holdout.jsonl") in capsys.readouterr().out
+    again = tmp_path / "again"
+    main(["prepare", "holdout", "--prompts", str(tmp_path / "p.jsonl"), "--out", str(again), "--count", "3"])
+    assert (again / "holdout.jsonl").read_text() == (tmp_path / "split" / "holdout.jsonl").read_text()   # seeded
+    capsys.readouterr()
+    assert main(["prepare", "holdout", "--prompts", str(tmp_path / "p.jsonl"), "--out", str(again), "--count", "10"])
+    assert "--count 10: " in (err := capsys.readouterr().err) and "has 10 distinct images; hold out at least 1" in err

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def holdout_reward(recipe: Recipe, scored: list[dict], base: list[dict]) -> dict
     question = re.compile(recipe.reward.claim_question, re.IGNORECASE)
     asked = [r for r in scored if question.search(r["question"] or "")]
     r_i = [s["r_i"] for r in scored for s in r["sentences"]]
-    return {"holdout_reward": sum(scores) / len(scores) if scores else 0.0,
+    # rounded: the starting model against itself is 0 up to float error, and prints as 0.00, not -0.00
+    return {"holdout_reward": round(math.fsum(scores) / len(scores), 9) + 0.0 if scores else 0.0,
             "holdout_r_i": sum(r_i) / len(r_i) if r_i else 0.0,
             "holdout_sentences": sum(len(r["sentences"]) for r in scored) / max(len(scored), 1),
             "holdout_empty": sum(not r["sentences"] for r in scored) / max(len(scored), 1),

@@ -280,3 +280,16 @@ def test_toy_vlm_on_its_clip_tower_runs_through_the_vllm_engine(quick_demo):
         assert max(abs(a - b) for a, b in zip(blank, candidates[0].logprobs)) > 0.1
     finally:
         engine.llm.llm_engine.engine_core.shutdown()
+
+
+def test_the_paper_setting_recipe_mixes_no_sft_examples_and_keeps_the_last_iterate(tmp_path):
+    from csr_plugin.config import load_recipe
+    from csr_plugin.toy.demo import toy_overrides
+
+    recipe = load_recipe(REPO / "recipes" / "toy-paper.yaml")
+    assert (recipe.dpo.sft_data, recipe.dpo.beta, recipe.dpo.epochs, recipe.reward.yes_no) == ("", 0.1, 1, "off")
+    assert recipe.loop.on_decline == "report"
+    loaded = load_recipe(REPO / "recipes" / "toy-paper.yaml", toy_overrides(tmp_path, "out", 3, 0.9, sft=False))
+    assert loaded.dpo.sft_data == "" and loaded.loop.holdout == str(tmp_path / "holdout" / "prompts.jsonl")
+    assert load_recipe(REPO / "recipes" / "toy.yaml", toy_overrides(tmp_path, "out", 3, 0.9, "questions.jsonl")
+                       ).loop.holdout == str(tmp_path / "holdout" / "questions.jsonl")

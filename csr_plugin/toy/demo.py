@@ -124,8 +124,9 @@ def _stale(folder: Path, weights: str, recipe: str) -> bool:
 
 
 def toy_overrides(folder: Path, output: str, iterations: int, lambda_: float,
-                  prompts: str = "prompts.jsonl") -> list[str]:
-    """The recipe's paths for this seed's folder; ``prompts``: which CSR prompt file (CSR_TRUTH)."""
+                  prompts: str = "prompts.jsonl", sft: bool = True) -> list[str]:
+    """The recipe's paths for this seed's folder; ``prompts``: which CSR prompt file (CSR_TRUTH); ``sft``: whether
+    the recipe mixes SFT examples into DPO (recipes/toy-paper.yaml does not)."""
     if prompts not in CSR_TRUTH:
         raise ValueError(f"a toy recipe's data.prompts must end in one of {', '.join(CSR_TRUTH)}, got {prompts!r}: "
                          "csr demo writes those for each seed.")
@@ -134,8 +135,8 @@ def toy_overrides(folder: Path, output: str, iterations: int, lambda_: float,
             f"data.truth={folder / 'csr' / CSR_TRUTH[prompts]}", f"loop.holdout={folder / 'holdout' / prompts}",
             f"reward.claim_vocabulary={folder / 'objects.json'}",
             f"eval.prompts={folder / 'eval' / 'prompts.jsonl'}", f"eval.truth={folder / 'eval' / 'truth.jsonl'}",
-            f"eval.vocabulary={folder / 'objects.json'}", f"dpo.sft_data={folder / 'sft' / 'sft.jsonl'}",
-            f"output_dir={output}",
+            f"eval.vocabulary={folder / 'objects.json'}",
+            *([f"dpo.sft_data={folder / 'sft' / 'sft.jsonl'}"] if sft else []), f"output_dir={output}",
             f"loop.iterations={iterations}", f"reward.lambda={lambda_}"]
 
 
@@ -166,8 +167,10 @@ def run_demo(output: str, seed: int, iterations: int, lambda_: float, recipe: st
     folder = prepare_toy(cache, seed, size)
     print(f"ready in {time.monotonic() - started:.0f}s; {iterations} CSR iterations with lambda={lambda_}",
           flush=True)
-    prompts = Path(load_recipe(recipe).data.prompts).name   # which CSR prompt file this toy recipe samples
-    run(recipe, toy_overrides(folder, output, iterations, lambda_, prompts) + list(extra or []),
+    loaded = load_recipe(recipe)
+    prompts = Path(loaded.data.prompts).name   # which CSR prompt file this toy recipe samples
+    overrides = toy_overrides(folder, output, iterations, lambda_, prompts, bool(loaded.dpo.sft_data))
+    run(recipe, overrides + list(extra or []),
         on_iteration=_print_row)
     results = json.loads((Path(output) / "results.json").read_text())
     # the iterate the held-out reward selects (no ground truth), else the last one

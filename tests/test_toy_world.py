@@ -293,3 +293,67 @@ def test_the_paper_setting_recipe_mixes_no_sft_examples_and_keeps_the_last_itera
     assert loaded.dpo.sft_data == "" and loaded.loop.holdout == str(tmp_path / "holdout" / "prompts.jsonl")
     assert load_recipe(REPO / "recipes" / "toy.yaml", toy_overrides(tmp_path, "out", 3, 0.9, "questions.jsonl")
                        ).loop.holdout == str(tmp_path / "holdout" / "questions.jsonl")
+
+
+class _KindClip:
+    """A stand-in CLIP that embeds an image by the kinds it shows and a sentence by the kind it names
+    (``blind``: every image alike), so kind_sight's count can be worked out by hand."""
+
+    def __init__(self, blind=False):
+        self.blind = blind
+
+    def eval(self):
+        return self
+
+    def encode_image(self, images, normalize=True):
+        import torch
+
+        return torch.ones(len(images), len(world.KINDS)) if self.blind else images
+
+    def encode_text(self, texts, normalize=True):
+        return texts
+
+
+def _kind_preprocess(scene_image):
+    import torch
+
+    return torch.tensor([float(k in scene_image) for k in world.KINDS])
+
+
+def _kind_tokenizer(texts):
+    import torch
+
+    return torch.stack([torch.tensor([float(f" {k} " in t) for k in world.KINDS]) for t in texts])
+
+
+def test_kind_sight_counts_scenes_whose_true_sentence_beats_the_absent_kind(monkeypatch):
+    from csr_plugin.toy.train_models import kind_sight
+
+    scenes = world.make_split("clip", 20, 0)
+    monkeypatch.setattr(world.Scene, "draw", lambda scene: scene.objects)   # the stand-in "image": its kinds
+    assert kind_sight(_KindClip(), _kind_preprocess, _kind_tokenizer, scenes) == 1.0
+    assert kind_sight(_KindClip(blind=True), _kind_preprocess, _kind_tokenizer, scenes) == 0.0   # ties are misses
+
+
+def test_a_clip_that_does_not_see_is_trained_again_and_then_refused(monkeypatch, tmp_path, capsys):
+    from csr_plugin.toy import train_models
+
+    inits = []
+    monkeypatch.setattr(train_models, "_train_clip_once", lambda scenes, steps, seed, batch: (
+        inits.append(seed) or _Weights(), None, None))
+    sights = iter([0.55, 0.97])
+    monkeypatch.setattr(train_models, "kind_sight", lambda *a: next(sights))
+    train_models.train_clip([], tmp_path / "a", 10, seed=3, probe=[object()] * 200)
+    assert inits == [3, 1003]                                   # the second initialization is another seed
+    assert json.loads((tmp_path / "a" / "sight.json").read_text()) == {"kind_sight": 0.97, "scenes": 200,
+                                                                      "initializations": 2}
+    assert "tells a present kind from an absent one in 55% of 200" in capsys.readouterr().out
+    monkeypatch.setattr(train_models, "kind_sight", lambda *a: 0.5)
+    with pytest.raises(RuntimeError, match=r"after 3 initializations .* 50%, 50%, 50% of 200 held-out scenes"):
+        train_models.train_clip([], tmp_path / "b", 10, seed=3, probe=[object()] * 200)
+    assert not (tmp_path / "b" / "toy-clip.pt").exists()     # no blind CLIP left for a build to pick up
+
+
+class _Weights:
+    def state_dict(self):
+        return {}

@@ -50,7 +50,9 @@ def prepare_toy(root: str | Path, seed: int, size: str = "full") -> Path:
     # a cache built by an older recipe of the toy CLIP is rebuilt, not silently reused
     clip_rebuilt = _stale(folder / "clip", "toy-clip.pt", CLIP_RECIPE)
     if clip_rebuilt:
-        train_clip(scenes["clip"], folder / "clip", sizes["clip_steps"], seed)
+        # the full build's CLIP must see (quick models are for smoke tests: their CLIP is not checked)
+        probe = world.make_split("clip", sizes["clip"] + 200, seed)[sizes["clip"]:] if size == "full" else None
+        train_clip(scenes["clip"], folder / "clip", sizes["clip_steps"], seed, probe=probe)
         (folder / "clip" / "recipe.txt").write_text(CLIP_RECIPE)
     vlm_recipe = f"{VLM_RECIPE}; {CLIP_RECIPE}"   # its image tower is the CLIP's: rebuilt with it
     if clip_rebuilt or _stale(folder / "vlm", "model.safetensors", vlm_recipe):

@@ -21,7 +21,14 @@ from csr_plugin.toy.tiny_models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokeniz
 
 CLIP_NAME = "toy-clip"
 # change it to rebuild cached CLIPs
-CLIP_RECIPE = "object-centric soft targets, contrast texts, own split, paired negatives (2026-12-02)"
+CLIP_RECIPE = "object-centric soft targets, contrast texts, own split, paired negatives, 50-step warm-up (2026-12-06)"
+# Without a warm-up, AdamW's first steps at the full rate collapsed the image tower on some seeds (every image
+# embedded alike, the loss flat from step 10): seeds 5 and 6 told a present kind from an absent one in 61% and
+# 45% of 100 scenes after 600 steps; with 50 warm-up steps 100% of both by step 100 (docs/results.md, "Ten seeds").
+CLIP_WARMUP = 50
+# A toy CLIP is used only if it tells a shape's kind from an absent one in this share of held-out scenes:
+# a blind CLIP rewards at random, and CSR then teaches hallucination (both seeds above: CHAIR_i up in iteration 1).
+CLIP_MIN_SIGHT = 0.9
 VLM_RECIPE = "LLaVA on the toy CLIP's frozen image tower, all its tokens; SFT pairs together 97% (2026-12-02)"
 
 
@@ -85,21 +92,71 @@ def contrast_texts(scene: world.Scene, rng: random.Random) -> list[str]:
                         f"There is a at the {shape.quadrant}."])]
 
 
-def train_clip(scenes: list[world.Scene], out_dir: Path, steps: int, seed: int, batch: int = 64) -> tuple[Path, Path]:
-    """Contrastive training with soft targets: each image against its sentences and contrast texts."""
+def train_clip(scenes: list[world.Scene], out_dir: Path, steps: int, seed: int, batch: int = 64,
+               probe: list[world.Scene] | None = None, attempts: int = 3) -> tuple[Path, Path]:
+    """Contrastive training with soft targets: each image against its sentences and contrast texts.
+
+    With ``probe`` scenes the CLIP must tell a present kind from an absent one in CLIP_MIN_SIGHT of them
+    (``kind_sight``, written to ``sight.json``); a CLIP that does not is trained again from another
+    initialization, said on the terminal, and after ``attempts`` the build stops with the figures."""
     import open_clip
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / f"{CLIP_NAME}.json"
     config_path.write_text(json.dumps(clip_config(), indent=2))
     open_clip.add_model_config(config_path)
+    weights = out_dir / f"{CLIP_NAME}.pt"
+    sights = []
+    for attempt in range(attempts if probe else 1):
+        model, preprocess, tokenizer = _train_clip_once(scenes, steps, seed + 1000 * attempt, batch)
+        if not probe:
+            break
+        sights.append(kind_sight(model, preprocess, tokenizer, probe))
+        if sights[-1] >= CLIP_MIN_SIGHT:
+            break
+        print(f"toy CLIP (seed {seed}, init {attempt + 1} of {attempts}) tells a present kind from an absent one in "
+              f"{sights[-1]:.0%} of {len(probe)} held-out scenes (needs {CLIP_MIN_SIGHT:.0%}): training again from "
+              "another initialization", flush=True)
+    else:
+        raise RuntimeError(f"toy CLIP for seed {seed}: after {attempts} initializations it tells a present kind from "
+                           f"an absent one in {', '.join(f'{s:.0%}' for s in sights)} of {len(probe)} held-out scenes "
+                           f"(needs {CLIP_MIN_SIGHT:.0%}); CSR with a blind CLIP teaches hallucination. Try another "
+                           "--seed, and report it.")
+    torch.save(model.state_dict(), weights)
+    if sights:
+        (out_dir / "sight.json").write_text(json.dumps({"kind_sight": sights[-1], "scenes": len(probe),
+                                                        "initializations": len(sights)}))
+    return config_path, weights
+
+
+@torch.no_grad()
+def kind_sight(model, preprocess, tokenizer, scenes: list[world.Scene]) -> float:
+    """Share of ``scenes`` whose first shape's true sentence the CLIP scores above the same sentence with an
+    absent kind (the world's paired kind when absent, the hard case): 0.5 is blind."""
+    model.eval()
+    true, swapped = [], []
+    for scene in scenes:
+        shape = scene.shapes[0]
+        absent = [k for k in world.KINDS if k not in scene.objects]
+        kind = world.PAIRED.get(shape.kind) if world.PAIRED.get(shape.kind) in absent else absent[0]
+        true.append(shape.sentence())
+        swapped.append(world.Shape(kind, shape.colour, shape.quadrant).sentence())
+    images = model.encode_image(torch.stack([preprocess(s.draw()) for s in scenes]), normalize=True)
+    fit = lambda texts: (images * model.encode_text(tokenizer(texts), normalize=True)).sum(-1)  # noqa: E731
+    return (fit(true) > fit(swapped)).float().mean().item()
+
+
+def _train_clip_once(scenes: list[world.Scene], steps: int, seed: int, batch: int):
+    import open_clip
+
     torch.manual_seed(seed)
     model, _, preprocess = open_clip.create_model_and_transforms(CLIP_NAME, pretrained=None)
     tokenizer = open_clip.get_tokenizer(CLIP_NAME)
     images = torch.stack([preprocess(s.draw()) for s in scenes])
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / CLIP_WARMUP) * 0.5 * (1 + math.cos(math.pi * i / steps)))
     model.train()
     for _ in tqdm(range(steps), desc="toy CLIP", unit="step"):
         index = rng.sample(range(len(scenes)), batch)
@@ -118,9 +175,7 @@ def train_clip(scenes: list[world.Scene], out_dir: Path, steps: int, seed: int, 
         loss.backward()
         optimizer.step()
         schedule.step()
-    weights = out_dir / f"{CLIP_NAME}.pt"
-    torch.save(model.state_dict(), weights)
-    return config_path, weights
+    return model, preprocess, tokenizer
 
 
 def clip_vision_tower(clip_dir: Path):

@@ -148,6 +148,12 @@ def test_quick_demo_runs_the_real_pipeline_and_reports_hallucination(quick_demo)
     assert "informative" in stdout
     # the recipe asks yes/no questions too: their pairs are judged on the answer against the truth
     assert 0.0 < row["diag_yes_no_pairs"] < 1.0 and 0.0 <= row["diag_yes_no_chosen_right"] <= 1.0
+    # the held-out split is scored for each iterate, and the best one is named (loop.holdout)
+    assert [h["iteration"] for h in results["holdout"]] == [0, 1] and results["holdout"][0]["holdout_reward"] == 0.0
+    assert results["selected"] in (0, 1) and row["holdout_reward"] == results["holdout"][1]["holdout_reward"]
+    held = [json.loads(line) for line in (out / "iter_1" / "holdout.jsonl").read_text().splitlines()]
+    assert len(held) == 8 * 7 and all("sentences" in r for r in held)   # 8 scenes: a description + 6 questions
+    assert "held-out" in stdout and "selected by the held-out reward" in stdout
     # quiet by default: stage lines and the table on the terminal, the rest in <output>/logs/
     assert len(stdout.splitlines()) < 40, stdout
     assert (out / "logs" / "csr.log").exists() and (out / "logs" / "dpo_iter1.log").exists()

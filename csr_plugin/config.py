@@ -573,10 +573,14 @@ class LoopConfig:
     on_decline: Literal["report", "stop"] = _help(
         "When an iteration lowers the held-out reward (loop.holdout): report it and go on, or stop the loop there "
         "(the next iteration would start from the worse iterate).", default="stop")
+    holdout_z: float = _help("An iteration lowered the held-out reward when it fell by more than this many standard "
+                             "errors of the paired per-prompt difference; 0 = any drop.", default=2.0)
 
     def validate(self, where: str) -> None:
         if self.iterations < 1:
             raise ConfigError(f"`{where}.iterations` must be >= 1, got {self.iterations}.")
+        if self.holdout_z < 0:
+            raise ConfigError(f"`{where}.holdout_z` must be >= 0 (0 = any drop counts), got {self.holdout_z}.")
         if self.ray_actors < 0:
             raise ConfigError(f"`{where}.ray_actors` must be >= 0 (0 = one per GPU), got {self.ray_actors}.")
         if self.sample_on == "local" and (self.ray_address or self.ray_actors):

@@ -139,7 +139,7 @@ def _holdout(recipe: Recipe, t: int, out: Path, history: list[dict]) -> dict:
     say(f"iteration {t}: held-out reward ..." if t else "iteration 0: held-out reward of the starting model ...")
     result = score_iterate(recipe, iterate_path(recipe, t), out / f"iter_{t}" / "holdout.jsonl" if t else base, base)
     history.append({"iteration": t, **result})
-    return result
+    return {k: v for k, v in result.items() if k != "holdout_scores"}   # per prompt: for the paired test only
 
 
 def run(config_path: str, overrides: list[str] | None = None, on_iteration=None) -> list[dict]:
@@ -195,15 +195,16 @@ def run(config_path: str, overrides: list[str] | None = None, on_iteration=None)
             row.update({k: v for k, v in hallucination[-1].items() if k != "iteration"})
         row.update(_holdout(recipe, t, out, holdout))
         if hallucination or holdout:
-            _write_results(out / "results.json", hallucination, holdout)
+            _write_results(out / "results.json", hallucination, holdout, recipe.loop.holdout_z)
         rows.append(row)
         write_jsonl_atomic(out / "metrics.jsonl", rows)
         plot_metrics(rows, out / "metrics.png", hallucination)
         if on_iteration:
             on_iteration(row)
         if _declined(recipe, holdout) and recipe.loop.on_decline == "stop":
-            say(f"stopping after iteration {t} (loop.on_decline: stop); use iterate {selected_iterate(holdout)}: "
-                f"{iterate_path(recipe, selected_iterate(holdout))}")
+            chosen = selected_iterate(holdout, recipe.loop.holdout_z)
+            say(f"stopping after iteration {t} (loop.on_decline: stop); use iterate {chosen}: "
+                f"{iterate_path(recipe, chosen)}")
             break
     return rows
 
@@ -212,19 +213,21 @@ def _declined(recipe: Recipe, holdout: list[dict]) -> bool:
     """Says so when the newest iteration lowered the held-out reward."""
     from csr_plugin.run_logs import say
 
-    if not declined(holdout):
+    if not declined(holdout, recipe.loop.holdout_z):
         return False
-    before, now = holdout[-2], holdout[-1]
+    before, now, z = holdout[-2], holdout[-1], recipe.loop.holdout_z
     say(f"iteration {now['iteration']} LOWERED the held-out reward: {before['holdout_reward']:.3f} -> "
-        f"{now['holdout_reward']:.3f} (iterate {before['iteration']} -> {now['iteration']}); best so far: iterate "
-        f"{selected_iterate(holdout)}")
+        f"{now['holdout_reward']:.3f} (iterate {before['iteration']} -> {now['iteration']}, beyond {z:g} standard "
+        f"errors); best so far: iterate {selected_iterate(holdout, z)}")
     return True
 
 
-def _write_results(path: Path, hallucination: list[dict], holdout: list[dict] | None = None) -> None:
+def _write_results(path: Path, hallucination: list[dict], holdout: list[dict] | None = None,
+                   z: float = 2.0) -> None:
     results: dict = {"iterations": hallucination}
     if holdout:   # the iterate to use, chosen without ground truth
-        results.update(holdout=holdout, selected=selected_iterate(holdout))
+        results.update(holdout=[{k: v for k, v in row.items() if k != "holdout_scores"} for row in holdout],
+                       selected=selected_iterate(holdout, z))
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2))
     tmp.replace(path)

@@ -51,12 +51,32 @@ def test_without_the_baseline_and_with_length_normalize_the_mean_of_raw_rewards(
     assert holdout_reward(recipe, BASE, BASE)["holdout_reward"] == pytest.approx((3.0 + 1.0) / 2)
 
 
-def test_the_best_iterate_is_selected_and_a_tie_goes_to_less_training():
+def test_without_per_prompt_scores_any_drop_counts_and_the_newest_iterate_is_kept_unless_below_the_best():
     history = [{"iteration": 0, "holdout_reward": 0.0}, {"iteration": 1, "holdout_reward": 1.5},
                {"iteration": 2, "holdout_reward": 2.5}, {"iteration": 3, "holdout_reward": 2.5}]
-    assert selected_iterate(history) == 2
+    assert selected_iterate(history) == 3                   # a tie with the best: the loop's own choice stands
     assert not declined(history[:3]) and not declined(history) and not declined(history[:1])
-    assert declined(history[:3] + [{"iteration": 3, "holdout_reward": 2.4}])
+    dipped = history[:3] + [{"iteration": 3, "holdout_reward": 2.4}]
+    assert declined(dipped) and selected_iterate(dipped) == 2
+
+
+def _scored(t, scores):
+    return {"iteration": t, "holdout_reward": sum(scores) / len(scores),
+            "holdout_scores": {f"p{i}": s for i, s in enumerate(scores)}}
+
+
+def test_a_drop_within_the_paired_noise_is_not_a_decline():
+    """Per-prompt differences iterate 2 - iterate 1: [-1, +1, -1, +1, -0.5] -> mean -0.1, sd 1.025, standard error
+    0.458: a drop of 0.22 standard errors. Shifted to [-2, 0, -2, 0, -1.5]: mean -1.1, the same standard error, a
+    drop of 2.40 of them."""
+    one = _scored(1, [3.0, 1.0, 2.0, 0.0, 1.5])
+    noisy = _scored(2, [2.0, 2.0, 1.0, 1.0, 1.0])
+    worse = _scored(2, [1.0, 1.0, 0.0, 0.0, 0.0])
+    assert noisy["holdout_reward"] < one["holdout_reward"]
+    assert not declined([one, noisy]) and selected_iterate([one, noisy]) == 2
+    assert declined([one, worse]) and selected_iterate([one, worse]) == 1
+    assert not declined([one, worse], z=3.0)                # 2.40 standard errors is not 3
+    assert declined([one, noisy], z=0.0)                    # holdout_z 0: any drop
 
 
 def test_held_out_prompts_that_dpo_trains_on_are_refused(tiny_recipe_dict, tmp_path):
@@ -99,7 +119,7 @@ def _scripted_loop(monkeypatch, tmp_path, tiny_recipe_dict, rewards, on_decline)
 
     def score_iterate(recipe, model, out, base):
         scored.append(model)
-        return {"holdout_reward": rewards[len(scored) - 1]}
+        return {"holdout_reward": rewards[len(scored) - 1]}   # no per-prompt scores: any drop counts
 
     monkeypatch.setattr("csr_plugin.holdout.score_iterate", score_iterate)
     rows = pipeline.run(str(path))
@@ -116,6 +136,7 @@ def test_the_loop_stops_after_the_iteration_that_lowered_the_held_out_reward(mon
     assert len(trained) == 3 and len(scored) == 4
     out = capsys.readouterr().out
     assert "iteration 3 LOWERED the held-out reward: 2.000 -> 1.200" in out and "use iterate 2" in out
+    assert "holdout_scores" not in json.dumps(results)
 
 
 def test_with_report_the_loop_goes_on_and_still_names_the_best_iterate(monkeypatch, tmp_path, tiny_recipe_dict,

@@ -98,8 +98,12 @@ def holdout_reward(recipe: Recipe, scored: list[dict], base: list[dict]) -> dict
 
 def score_iterate(recipe: Recipe, model_path: str, path: Path, base_path: Path) -> dict:
     """Answer, score (``path``, resumable) and sum up one iterate against the starting model's ``base_path``."""
+    from csr_plugin.sampling.prompts import load_prompts
+
+    wanted = [p.id for p in load_prompts(recipe.loop.holdout)[0]]
     stored = load_records(path) if path.exists() else []
-    if not (stored and all("sentences" in r for r in stored)):
+    # reused only when whole and for the same prompts: another loop.holdout is answered anew
+    if not (stored and all("sentences" in r for r in stored) and [r["id"] for r in stored] == wanted):
         rows = answer_holdout(recipe, model_path, path)
         stored = score_answers(recipe, rows)   # recipe.model: the starting model, R_T's one judge
         write_jsonl_atomic(path, stored)

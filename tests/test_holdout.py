@@ -169,3 +169,26 @@ def test_prepare_holdout_splits_by_image_and_the_recipe_takes_the_two_files(tmp_
     capsys.readouterr()
     assert main(["prepare", "holdout", "--prompts", str(tmp_path / "p.jsonl"), "--out", str(again), "--count", "10"])
     assert "--count 10: " in (err := capsys.readouterr().err) and "has 10 distinct images; hold out at least 1" in err
+
+
+def test_stored_answers_are_reused_only_for_the_same_held_out_prompts(tiny_recipe_dict, tmp_path, monkeypatch):
+    from csr_plugin import holdout
+
+    prompts = tmp_path / "held.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "image": "x.png", "question": "Describe."}) + "\n"
+                               for i in ("a", "b")))
+    recipe = copy.deepcopy(tiny_recipe_dict)
+    recipe["loop"] = {"holdout": str(prompts)}
+    recipe = recipe_from_dict(recipe)
+    answered = []
+    monkeypatch.setattr(holdout, "answer_holdout", lambda recipe, model, path: answered.append(model) or [
+        {"id": p, "image": "x.png", "question": "Describe.", "answer": "A."} for p in ("a", "b")])
+    monkeypatch.setattr(holdout, "score_answers", lambda recipe, rows: [
+        {**r, "sentences": [{"text": "A.", "r_i": 1.0, "r_t": 0.0, "reward": 1.0}]} for r in rows])
+    path = tmp_path / "holdout.jsonl"
+    holdout.score_iterate(recipe, "m", path, path)
+    holdout.score_iterate(recipe, "m", path, path)
+    assert answered == ["m"]                                  # the second call read the file
+    prompts.write_text(json.dumps({"id": "c", "image": "x.png", "question": "Describe."}) + "\n")
+    holdout.score_iterate(recipe, "m", path, path)
+    assert answered == ["m", "m"]                             # another held-out set: answered anew

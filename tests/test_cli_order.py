@@ -17,6 +17,7 @@ CASES = {
     "run": (["run"], [["--config", "r.yaml"], ["a.b=1"], ["c.d=2"]]),
     "eval": (["eval"], [["--config", "r.yaml"], ["--responses", "x.jsonl"], ["a.b=1"], ["--out", "o.json"]]),
     "prepare coco": (["prepare", "coco"], [["--annotations", "a"], ["--images", "i"], ["--out", "o"]]),
+    "prepare holdout": (["prepare", "holdout"], [["--prompts", "p.jsonl"], ["--out", "o"], ["--count", "5"]]),
     "serve-reward": (["serve-reward"], [["--config", "r.yaml"], ["--port", "1"], ["a.b=1"]]),
     "demo": (["demo"], [["--seed", "1"], ["--quick"], ["a.b=1"]]),
     "train-ppo": (["train-ppo"], [["--config", "r.yaml"], ["--prepare-only"], ["a.b=1"]]),

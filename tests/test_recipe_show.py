@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {
     "paper.yaml": ["dpo", "eval"], "official.yaml": ["dpo", "eval"], "qwen25vl-7b-dpo.yaml": ["dpo", "eval"],
     "tiny.yaml": ["dpo"], "toy.yaml": ["dpo", "eval"], "toy-describe.yaml": ["dpo", "eval"],
+    "toy-paper.yaml": ["dpo", "eval"],
     "ppo-stepwise.yaml": ["ppo"], "toy-ppo.yaml": ["ppo", "eval"],
 }
 MARKERS = {"dpo": "csr run --config", "rm": "csr train-rm --config", "ppo": "ray job submit",

@@ -1,4 +1,6 @@
-"""Chosen non-answers with and without their yes/no scoring, on the same trees (docs/results.md, "Ten seeds").
+"""Chosen non-answers with and without their yes/no scoring, on the same trees.
+
+(docs/results.md, "Today's recipe on this machine")
 
     .venv/bin/python scripts/toy_fragment_rescore.py --seed 5 runs/s33/toy-seed5/iter_*/trees.jsonl
 

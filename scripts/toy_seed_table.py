@@ -1,4 +1,4 @@
-"""Per-seed and mean ± sd table of `csr demo` runs (docs/results.md, "Ten seeds").
+"""Per-seed and mean ± sd table of `csr demo` runs (docs/results.md, "Today's recipe on this machine").
 
     .venv/bin/python scripts/toy_seed_table.py runs/s33/toy-seed*        # one row per run folder
 

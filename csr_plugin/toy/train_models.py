@@ -24,7 +24,8 @@ CLIP_NAME = "toy-clip"
 CLIP_RECIPE = "object-centric soft targets, contrast texts, own split, paired negatives, 50-step warm-up (2026-12-06)"
 # Without a warm-up, AdamW's first steps at the full rate collapsed the image tower on some seeds (every image
 # embedded alike, the loss flat from step 10): seeds 5 and 6 told a present kind from an absent one in 61% and
-# 45% of 100 scenes after 600 steps; with 50 warm-up steps 100% of both by step 100 (docs/results.md, "Ten seeds").
+# 45% of 100 scenes after 600 steps; with 50 warm-up steps 100% of both by step 100
+# (docs/results.md, "Today's recipe on this machine").
 CLIP_WARMUP = 50
 # A toy CLIP is used only if it tells a shape's kind from an absent one in this share of held-out scenes:
 # a blind CLIP rewards at random, and CSR then teaches hallucination (both seeds above: CHAIR_i up in iteration 1).

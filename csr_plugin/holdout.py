@@ -58,12 +58,12 @@ def answer_holdout(recipe: Recipe, model_path: str, path: Path) -> list[dict]:
     return rows
 
 
-def score_answers(recipe: Recipe, rows: list[dict], scorer=None) -> list[dict]:
+def score_answers(recipe: Recipe, rows: list[dict]) -> list[dict]:
     """Each row with ``sentences``: {text, r_i, r_t, reward} as the search scores them (R_T: ``recipe.model``)."""
     from csr_plugin.multimodal import chat_prompt
     from csr_plugin.openrlhf.response_reward import ResponseItem, ResponseRewardScorer
 
-    scorer = scorer or ResponseRewardScorer.from_recipe(recipe)
+    scorer = ResponseRewardScorer.from_recipe(recipe)
     items = [ResponseItem(chat_prompt(scorer.processor, r["question"]), r["answer"], r["image"]) for r in rows]
     out = []
     for start in range(0, len(items), recipe.eval.batch):
@@ -98,6 +98,7 @@ def holdout_reward(recipe: Recipe, scored: list[dict], base: list[dict]) -> dict
 
 def score_iterate(recipe: Recipe, model_path: str, path: Path, base_path: Path) -> dict:
     """Answer, score (``path``, resumable) and sum up one iterate against the starting model's ``base_path``."""
+    from csr_plugin.accelerator import release_memory
     from csr_plugin.sampling.prompts import load_prompts
 
     wanted = [p.id for p in load_prompts(recipe.loop.holdout)[0]]
@@ -107,8 +108,6 @@ def score_iterate(recipe: Recipe, model_path: str, path: Path, base_path: Path) 
         rows = answer_holdout(recipe, model_path, path)
         stored = score_answers(recipe, rows)   # recipe.model: the starting model, R_T's one judge
         write_jsonl_atomic(path, stored)
-        from csr_plugin.accelerator import release_memory
-
         release_memory()
     base = load_records(base_path) if Path(base_path) != Path(path) else stored
     return holdout_reward(recipe, stored, base)

@@ -46,7 +46,7 @@ def meets(change: float, recall: float, pope: float) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
-    rows = [load(folder) for folder in args_runs(parser)]
+    rows = [load(folder) for folder in parser.parse_args().runs if (folder / "results.json").exists()]
     fmt = lambda values, spec: " → ".join("-" if v is None else format(v, spec) for v in values)  # noqa: E731
     print("| run | CHAIR_i per iterate | last | selected | recall | POPE F1 | targets (selected / last) "
           "| chosen fragments | held-out reward | pairs | minutes |")
@@ -67,10 +67,6 @@ def main() -> None:
               f"recall {spread('recall')}, POPE F1 {spread('pope_f1')} (selected); targets met: "
               f"{sum(meets(r['selected_change'], r['recall'], r['pope_f1']) for r in rows)} selected, "
               f"{sum(meets(r['last'], r['last_recall'], r['last_pope_f1']) for r in rows)} last")
-
-
-def args_runs(parser: argparse.ArgumentParser) -> list[Path]:
-    return [p for p in parser.parse_args().runs if (p / "results.json").exists()]
 
 
 if __name__ == "__main__":

@@ -154,3 +154,18 @@ def test_a_missing_vocabulary_file_names_the_key(tiny_recipe_dict, tmp_path):
     recipe["reward"] = {"yes_no": "claim", "claim_vocabulary": str(tmp_path / "absent.json")}
     with pytest.raises(ValueError, match="reward.claim_vocabulary: .*absent.json"):
         build_visual_scorer(recipe_from_dict(recipe))
+
+
+def test_a_relative_vocabulary_reaches_the_ray_actors_absolute(tiny_recipe_dict, tmp_path, monkeypatch):
+    """Ray actors (PPO's vLLM rollout workers, the sampler's) run in Ray's own folder: a vocabulary given
+    relative to where `csr` was started must reach them as an absolute path, or every rollout fails."""
+    from csr_plugin.sampling.ray_actors import actor_recipe
+
+    vocabulary = _write_vocabulary(tmp_path)
+    monkeypatch.chdir(vocabulary.parent)
+    recipe = copy.deepcopy(tiny_recipe_dict)
+    recipe["reward"] = {"yes_no": "claim", "claim_vocabulary": vocabulary.name}
+    sent = actor_recipe(recipe_from_dict(recipe))
+    assert sent["reward"]["claim_vocabulary"] == str(vocabulary.resolve())
+    monkeypatch.chdir("/")
+    assert build_visual_scorer(recipe_from_dict(sent))   # the actor's view: it loads from any folder

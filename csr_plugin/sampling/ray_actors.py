@@ -74,7 +74,7 @@ def actor_recipe(recipe: Recipe) -> dict:
     """The recipe as the actors need it: they run in Ray's own folder, each GPU actor sees one device."""
     data = recipe_to_dict(recipe)
     for section, key in (("model", "path"), ("clip", "config"), ("clip", "pretrained"), ("reward", "mrm"),
-                         ("search", "rm")):
+                         ("reward", "claim_vocabulary"), ("search", "rm")):
         value = data[section][key]
         if value and Path(value).exists():   # a local path, not a hub id or a pretrained tag
             data[section][key] = str(Path(value).resolve())

@@ -43,7 +43,10 @@ def ppo_run(folder: Path) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     result = json.loads((folder / "eval.json").read_text())
-    events = EventAccumulator(str(folder / "ppo" / "tensorboard" / "ppo"))
+    logs = sorted((folder / "ppo" / "tensorboard").glob("*/events.out.tfevents.*"))   # <run name>/
+    if not logs:
+        raise FileNotFoundError(f"{folder}/ppo/tensorboard holds no events: run with logging.tensorboard: true")
+    events = EventAccumulator(str(logs[-1]))
     events.Reload()
     lengths = events.Scalars("train/rollout/response_length_mean")
     counts = {e.step: e.value for e in events.Scalars("train/rollout/num_samples")}

@@ -104,6 +104,8 @@ def main() -> None:
         diff = [changes[other][s] - changes[labels[0]][s] for s in seeds]
         se = statistics.stdev(diff) / math.sqrt(len(diff))
         verdict = "holds" if abs(statistics.mean(diff)) > 2 * se else "does not hold"
+        if len(diff) < 3:   # two differences give a standard error, not a believable one
+            verdict = "is not judged on fewer than 3 seeds"
         print(f"\n{other} minus {labels[0]}, CHAIR_i change on seeds {seeds}: {statistics.mean(diff):+.1%} "
               f"(standard error {se:.1%}, per seed {', '.join(f'{d:+.0%}' for d in diff)}): the ranking {verdict}")
 

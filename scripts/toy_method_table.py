@@ -4,7 +4,7 @@
         "CSR-DPO, recipes/toy.yaml=runs/s33/toy-seed{seed}" "PPO, step-wise=runs/s34/ppo-step-seed{seed}"
 
 Each method is LABEL=FOLDER, FOLDER holding ``{seed}``. A folder is either a `csr demo --output` folder
-(results.json: the last iterate counts; iter_<t>/timing.jsonl: the wall time of sampling, curation and DPO;
+(results.json: the last iterate counts, iter_<t>/eval.json its mentions; iter_<t>/timing.jsonl: the wall time of sampling, curation and DPO;
 iter_<t>/trees.jsonl: the tokens the search generated) or a `csr train-ppo` output folder with eval.json
 (`csr eval --out`), wall.json ({"train_seconds": ...}) and ppo/tensorboard (the rollouts' tokens). Changes are
 against the base model's evaluation in --base (a demo folder of the same seed: its iterate 0), so every method
@@ -20,7 +20,7 @@ import math
 import statistics
 from pathlib import Path
 
-KEYS = ("chair_i", "chair_s", "object_recall", "pope_f1")
+KEYS = ("chair_i", "chair_s", "object_recall", "pope_f1", "mentions", "hallucinated_mentions")
 
 
 def _lines(path: Path) -> list[dict]:
@@ -28,11 +28,19 @@ def _lines(path: Path) -> list[dict]:
 
 
 def base_of(folder: Path) -> dict:
-    return json.loads((folder / "results.json").read_text())["iterations"][0]
+    return {**json.loads((folder / "results.json").read_text())["iterations"][0],
+            **_counts(folder / "eval_base.json")}
+
+
+def _counts(path: Path) -> dict:
+    """Object mentions and hallucinated ones in the evaluation captions (not in results.json's rows)."""
+    result = json.loads(path.read_text())
+    return {"mentions": result["mentions"], "hallucinated_mentions": result["hallucinated_mentions"]}
 
 
 def demo_run(folder: Path) -> dict:
     last = json.loads((folder / "results.json").read_text())["iterations"][-1]
+    last = {**last, **_counts(folder / f"iter_{last['iteration']}" / "eval.json")}
     seconds = sum(row["seconds"] for t in folder.glob("iter_*/timing.jsonl") for row in _lines(t))
     tokens = sum(len(node["token_ids"]) for t in folder.glob("iter_*/trees.jsonl") for tree in _lines(t)
                  for node in tree["nodes"])
@@ -77,24 +85,32 @@ def main() -> None:
     bases = {s: base_of(Path(args.base.format(seed=s))) for s in args.seeds}
     print("| seeds | " + " | ".join(f"{s}" for s in args.seeds) + " |")
     print("|---|" + "---|" * len(args.seeds))
-    print("| base CHAIR_i | " + " | ".join(f"{bases[s]['chair_i']:.3f}" for s in args.seeds) + " |\n")
-    print("| method | seeds | CHAIR_i change (per seed) | CHAIR_s | recall | POPE F1 | minutes | generated tokens |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| base CHAIR_i | " + " | ".join(f"{bases[s]['chair_i']:.3f}" for s in args.seeds) + " |")
+    print("| base true / hallucinated mentions | " + " | ".join(
+        f"{bases[s]['mentions'] - bases[s]['hallucinated_mentions']} / {bases[s]['hallucinated_mentions']}"
+        for s in args.seeds) + " |\n")
+    print("| method | seeds | CHAIR_i change (per seed) | CHAIR_s | recall | POPE F1 | true / hallucinated mentions "
+          "| minutes | generated tokens |")
+    print("|---|---|---|---|---|---|---|---|---|")
     changes = {}
     for spec in args.methods:
         label, pattern = spec.split("=", 1)
         runs = {s: load(Path(pattern.format(seed=s))) for s in args.seeds}
         runs = {s: r for s, r in runs.items() if r is not None}
         if not runs:
-            print(f"| {label} | none finished | | | | | | |")
+            print(f"| {label} | none finished | | | | | | | |")
             continue
         delta = lambda key: [runs[s][key] - bases[s][key] for s in runs]  # noqa: E731
         change = {s: runs[s]["chair_i"] / bases[s]["chair_i"] - 1 for s in runs}
         changes[label] = change
         per_seed = ", ".join(f"{c:+.0%}" for c in change.values())
+        true = [(runs[s]["mentions"] - runs[s]["hallucinated_mentions"]) / (bases[s]["mentions"]
+                - bases[s]["hallucinated_mentions"]) - 1 for s in runs]
+        false = [runs[s]["hallucinated_mentions"] / bases[s]["hallucinated_mentions"] - 1 for s in runs]
         print(f"| {label} | {', '.join(map(str, runs))} | {_mean_sd(list(change.values()), '+.0%')} ({per_seed}) | "
               f"{_mean_sd(delta('chair_s'), '+.3f')} | {_mean_sd(delta('object_recall'), '+.3f')} | "
-              f"{_mean_sd(delta('pope_f1'), '+.3f')} | {statistics.mean(r['seconds'] for r in runs.values()) / 60:.0f} | "
+              f"{_mean_sd(delta('pope_f1'), '+.3f')} | {statistics.mean(true):+.0%} / {statistics.mean(false):+.0%} | "
+              f"{statistics.mean(r['seconds'] for r in runs.values()) / 60:.0f} | "
               f"{statistics.mean(r['tokens'] for r in runs.values()) / 1000:.0f}k |")
     labels = list(changes)
     for other in labels[1:]:

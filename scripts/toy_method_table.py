@@ -9,8 +9,8 @@ iter_<t>/trees.jsonl: the tokens the search generated) or a `csr train-ppo` outp
 (`csr eval --out`), wall.json ({"train_seconds": ...}) and ppo/tensorboard (the rollouts' tokens). Changes are
 against the base model's evaluation in --base (a demo folder of the same seed: its iterate 0), so every method
 of a seed is compared with one base measurement. The first method is the reference of the paired comparison:
-for every other method, the per-seed difference of the CHAIR_i change, its mean and standard error; a ranking
-"holds" when the mean is beyond 2 standard errors.
+for every other method, the per-seed difference of the CHAIR_i change, its mean and standard error (a ranking
+"holds" when the mean is beyond 2 standard errors), and the same for the recall change.
 """
 from __future__ import annotations
 
@@ -71,6 +71,11 @@ def load(folder: Path) -> dict | None:
     return None
 
 
+def meets(change: float, recall: float, pope: float) -> bool:
+    """The toy world's per-seed targets: CHAIR_i cut by 40%, recall within 0.05, POPE F1 within 0.01."""
+    return change <= -0.40 and recall >= -0.05 and pope >= -0.01
+
+
 def _mean_sd(values: list[float], spec: str) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else float("nan")
     return f"{format(statistics.mean(values), spec)} ± {format(sd, spec.lstrip('+'))}"
@@ -90,19 +95,20 @@ def main() -> None:
         f"{bases[s]['mentions'] - bases[s]['hallucinated_mentions']} / {bases[s]['hallucinated_mentions']}"
         for s in args.seeds) + " |\n")
     print("| method | seeds | CHAIR_i change (per seed) | CHAIR_s | recall | POPE F1 | true / hallucinated mentions "
-          "| minutes | generated tokens |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    changes = {}
+          "| every target | minutes | generated tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    changes, recalls = {}, {}
     for spec in args.methods:
         label, pattern = spec.split("=", 1)
         runs = {s: load(Path(pattern.format(seed=s))) for s in args.seeds}
         runs = {s: r for s, r in runs.items() if r is not None}
         if not runs:
-            print(f"| {label} | none finished | | | | | | | |")
+            print(f"| {label} | none finished | | | | | | | | |")
             continue
         delta = lambda key: [runs[s][key] - bases[s][key] for s in runs]  # noqa: E731
         change = {s: runs[s]["chair_i"] / bases[s]["chair_i"] - 1 for s in runs}
         changes[label] = change
+        recalls[label] = {s: runs[s]["object_recall"] - bases[s]["object_recall"] for s in runs}
         per_seed = ", ".join(f"{c:+.0%}" for c in change.values())
         true = [(runs[s]["mentions"] - runs[s]["hallucinated_mentions"]) / (bases[s]["mentions"]
                 - bases[s]["hallucinated_mentions"]) - 1 for s in runs]
@@ -110,6 +116,8 @@ def main() -> None:
         print(f"| {label} | {', '.join(map(str, runs))} | {_mean_sd(list(change.values()), '+.0%')} ({per_seed}) | "
               f"{_mean_sd(delta('chair_s'), '+.3f')} | {_mean_sd(delta('object_recall'), '+.3f')} | "
               f"{_mean_sd(delta('pope_f1'), '+.3f')} | {statistics.mean(true):+.0%} / {statistics.mean(false):+.0%} | "
+              f"{sum(meets(change[s], *(runs[s][k] - bases[s][k] for k in ('object_recall', 'pope_f1'))) for s in runs)}"
+              f" of {len(runs)} | "
               f"{statistics.mean(r['seconds'] for r in runs.values()) / 60:.0f} | "
               f"{statistics.mean(r['tokens'] for r in runs.values()) / 1000:.0f}k |")
     labels = list(changes)
@@ -124,6 +132,9 @@ def main() -> None:
             verdict = "is not judged on fewer than 3 seeds"
         print(f"\n{other} minus {labels[0]}, CHAIR_i change on seeds {seeds}: {statistics.mean(diff):+.1%} "
               f"(standard error {se:.1%}, per seed {', '.join(f'{d:+.0%}' for d in diff)}): the ranking {verdict}")
+        recall = [recalls[other][s] - recalls[labels[0]][s] for s in seeds]
+        print(f"  recall change, the same difference: {statistics.mean(recall):+.3f} (standard error "
+              f"{statistics.stdev(recall) / math.sqrt(len(recall)):.3f})")
 
 
 if __name__ == "__main__":

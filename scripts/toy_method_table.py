@@ -6,7 +6,9 @@
 Each method is LABEL=FOLDER, FOLDER holding ``{seed}``. A folder is either a `csr demo --output` folder
 (results.json: the last iterate counts, iter_<t>/eval.json its mentions; iter_<t>/timing.jsonl: the wall time of sampling, curation and DPO;
 iter_<t>/trees.jsonl: the tokens the search generated) or a `csr train-ppo` output folder with eval.json
-(`csr eval --out`), wall.json ({"train_seconds": ...}) and ppo/tensorboard (the rollouts' tokens). Changes are
+(`csr eval --out`), wall.json ({"train_seconds": ...}) and ppo/tensorboard (the rollouts' tokens), or a decoding
+folder: eval.json and wall.json ({"train_seconds": the reward model's, "decode_seconds": ...}), no tokens counted.
+A demo folder's wall.json {"reward_model_seconds": ...} adds a reward model trained for the loop. Changes are
 against the base model's evaluation in --base (a demo folder of the same seed: its iterate 0), so every method
 of a seed is compared with one base measurement. The first method is the reference of the paired comparison:
 for every other method, the per-seed difference of the CHAIR_i change, its mean and standard error (a ranking
@@ -44,7 +46,17 @@ def demo_run(folder: Path) -> dict:
     seconds = sum(row["seconds"] for t in folder.glob("iter_*/timing.jsonl") for row in load_records(t))
     tokens = sum(len(node["token_ids"]) for t in folder.glob("iter_*/trees.jsonl") for tree in load_records(t)
                  for node in tree["nodes"])
+    if (folder / "wall.json").exists():   # a reward model trained for the loop (reward.source: mrm)
+        seconds += json.loads((folder / "wall.json").read_text()).get("reward_model_seconds", 0)
     return {**{k: last[k] for k in KEYS}, "seconds": seconds, "tokens": tokens}
+
+
+def decode_run(folder: Path) -> dict:
+    """A decoding method of the base model (PARGS): its reward model's training and the decoding count."""
+    result = json.loads((folder / "eval.json").read_text())
+    wall = json.loads((folder / "wall.json").read_text())
+    return {**{k: result[k] for k in KEYS}, "seconds": wall["train_seconds"] + wall["decode_seconds"],
+            "tokens": None}
 
 
 def ppo_run(folder: Path) -> dict:
@@ -67,13 +79,18 @@ def load(folder: Path) -> dict | None:
     if (folder / "results.json").exists() and len(json.loads((folder / "results.json").read_text())["iterations"]) > 1:
         return demo_run(folder)
     if (folder / "eval.json").exists() and (folder / "wall.json").exists():
-        return ppo_run(folder)
+        return ppo_run(folder) if (folder / "ppo").is_dir() else decode_run(folder)
     return None
 
 
 def _mean_sd(values: list[float], spec: str) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else float("nan")
     return f"{format(statistics.mean(values), spec)} ± {format(sd, spec.lstrip('+'))}"
+
+
+def _tokens(runs: dict) -> str:
+    counted = [r["tokens"] for r in runs.values() if r["tokens"] is not None]
+    return f"{statistics.mean(counted) / 1000:.0f}k" if len(counted) == len(runs) else "not counted"
 
 
 def main() -> None:
@@ -114,7 +131,7 @@ def main() -> None:
               f"{sum(meets(change[s], *(runs[s][k] - bases[s][k] for k in ('object_recall', 'pope_f1'))) for s in runs)}"
               f" of {len(runs)} | "
               f"{statistics.mean(r['seconds'] for r in runs.values()) / 60:.0f} | "
-              f"{statistics.mean(r['tokens'] for r in runs.values()) / 1000:.0f}k |")
+              f"{_tokens(runs)} |")
     labels = list(changes)
     for other in labels[1:]:
         seeds = [s for s in changes[labels[0]] if s in changes[other]]

@@ -315,6 +315,32 @@ def test_missing_or_invalid_mrm_path_errors_name_the_key(tiny_recipe_dict, tmp_p
     assert actor_recipe(relative)["reward"]["mrm"] == str(Path(".").resolve())
 
 
+def test_a_reward_model_at_chance_is_named_when_it_loads(rm_folder, tiny_recipe_dict, tmp_path, capsys):
+    """Held-out accuracy within 2 binomial standard errors of 0.5 is warned about: with 104 pairs the bar is
+    0.5 + 2 * sqrt(0.25 / 104) = 0.598, so 0.481 (a trained toy RM that learnt nothing) is named and 0.644 is not;
+    a model without held-out pairs cannot be judged and says nothing."""
+    import shutil
+
+    from csr_plugin.reward.source import build_visual_scorer, chance_level_warning
+
+    at_chance = {"held_out": {"eval_pairs": 104, "eval_acc": 0.481}}
+    assert "48.1% of its 104 held-out pairs" in chance_level_warning(at_chance, "rm/final")
+    assert "59.8%" in chance_level_warning(at_chance, "rm/final")
+    assert chance_level_warning({"held_out": {"eval_pairs": 104, "eval_acc": 0.644}}, "rm/final") is None
+    # 10 held-out pairs: the bar is 0.5 + 2 * sqrt(0.025) = 0.816, so even 8 of 10 right is named
+    assert chance_level_warning({"held_out": {"eval_pairs": 10, "eval_acc": 0.8}}, "rm/final") is not None
+    assert chance_level_warning({}, "rm/final") is None
+
+    folder = tmp_path / "final"
+    shutil.copytree(rm_folder, folder)
+    info = json.loads((folder / "reward_model.json").read_text())
+    (folder / "reward_model.json").write_text(json.dumps({**info, **at_chance}))
+    build_visual_scorer(recipe_from_dict(_recipe_dict(tiny_recipe_dict, folder)))
+    assert "not above chance" in capsys.readouterr().out
+    build_visual_scorer(recipe_from_dict(_recipe_dict(tiny_recipe_dict, rm_folder)))   # no held-out pairs
+    assert "not above chance" not in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------------------------- agent
 def test_agent_with_mrm_writes_the_gains_as_r_i(rollout_actor, tiny_root, tiny_model_and_processor, rm_folder, mrm):
     """The OpenRLHF agent (our executor, OpenRLHF's real rollout actor as its engine) with reward.source: mrm:

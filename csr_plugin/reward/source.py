@@ -151,6 +151,21 @@ class RewardModelVisual:
             cache.popitem(last=False)
 
 
+def chance_level_warning(info: dict, folder: str) -> Optional[str]:
+    """A warning when the reward model's held-out accuracy (reward_model.json) is within 2 binomial standard
+    errors of a coin flip: such a model ranks CSR's candidates at random, and the loop would learn from noise."""
+    held = info.get("held_out") or {}
+    n, acc = held.get("eval_pairs"), held.get("eval_acc")
+    if not n or acc is None:
+        return None
+    bar = 0.5 + 2 * (0.25 / n) ** 0.5
+    if acc > bar:
+        return None
+    return (f"WARNING: reward.mrm {folder} ranked {acc:.1%} of its {n} held-out pairs right, not above chance "
+            f"(needs > {bar:.1%}): its rewards are mostly noise. Train it longer or with a higher rm.lr, on more "
+            "pairs, or keep reward.source: clip (docs/reward-model.md).")
+
+
 def load_mrm_visual(recipe: Recipe) -> RewardModelVisual:
     """The reward model of ``reward.mrm`` on ``clip.device`` (the device of the visual term)."""
     from pathlib import Path
@@ -166,6 +181,13 @@ def load_mrm_visual(recipe: Recipe) -> RewardModelVisual:
                                 "`csr train-rm` wrote (e.g. runs/rm/final), or set reward.source: clip.")
     from transformers import AutoProcessor
 
+    import json
+
+    from csr_plugin.run_logs import say
+
+    warning = chance_level_warning(json.loads((folder / CONFIG_FILE).read_text()), recipe.reward.mrm)
+    if warning:
+        say(warning)
     device = resolve_device(recipe.clip.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     trust = recipe.model.trust_remote_code

@@ -1,4 +1,6 @@
 """The transformers engine: log-probs, stopping, seeds, diverse group beam search."""
+import math
+
 import pytest
 import torch
 from PIL import Image
@@ -88,6 +90,21 @@ def test_a_requests_samples_do_not_depend_on_its_batch(tiny_model_and_processor)
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
     other_seed = engine.expand([Expansion(b.prompt, b.prefix_ids, 3, seed=13)])[0]
     assert [c.token_ids for c in other_seed] != [c.token_ids for c in alone]
+
+
+def test_counter_gumbel_is_finite_at_the_top_draw_and_never_picks_a_banned_token():
+    """Of 2^15 rows x 256 tokens (8.4M 24-bit draws), two are the top draw 0xFFFFFF (found by search, seed range
+    fixed). Its uniform (0xFFFFFF + 0.5) / 2^24 = 1 - 2^-25 must not round to 1.0: the Gumbel is then
+    -log(-log(1 - 2^-25)) = 17.33, not +inf, so a banned token (logit -inf) stays unpicked at that draw."""
+    noise = counter_gumbel(torch.arange(1 << 15), step=0, vocab=256)
+    top = -math.log(-math.log1p(-2.0 ** -25))
+    assert torch.isfinite(noise).all()
+    at_top = (noise - top).abs() < 1e-3
+    assert int(at_top.sum()) == 2
+    row, token = at_top.nonzero()[0].tolist()
+    logits = torch.zeros(1, 256)
+    logits[0, token] = float("-inf")   # banned, as the engine masks it
+    assert int((logits + noise[row]).argmax(-1)) != token
 
 
 def test_counter_gumbel_samples_the_softmax():

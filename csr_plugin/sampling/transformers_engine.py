@@ -59,8 +59,11 @@ def counter_gumbel(row_seeds: torch.Tensor, step: int, vocab: int) -> torch.Tens
     state = _splitmix64(row_seeds + (offset - (1 << 64) if offset >= 1 << 63 else offset))
     token = torch.arange(vocab, device=row_seeds.device, dtype=torch.long) * -4658895280553007687
     bits = (_splitmix64(state[:, None] ^ token[None, :]) >> 40) & 0xFFFFFF
-    uniform = (bits.float() + 0.5) / float(1 << 24)
-    return -torch.log(-torch.log(uniform))
+    # float64: (bits + 0.5) / 2^24 is exact there. In float32 the top draw rounds to 1.0 and its Gumbel is +inf,
+    # which wins the argmax whatever the token's probability, and a banned token's -inf + inf is NaN, which
+    # argmax picks too: with a 32k vocabulary, one step in about 500 (a sampled <image> broke a reward model).
+    uniform = (bits.double() + 0.5) / float(1 << 24)
+    return (-torch.log(-torch.log(uniform))).float()
 
 
 def load_vlm(cfg: ModelConfig):

@@ -129,6 +129,16 @@ def check_disjoint(recipe: Recipe) -> None:
                           f"question, e.g. {shared[0]!r}); held-out prompts must be ones DPO never trains on.")
 
 
+def learnt_judge_note(recipe: Recipe) -> str | None:
+    """With reward.source: mrm the held-out reward is scored by the reward model DPO learns from: on the toy
+    world it rose on every seed while CHAIR_i rose (docs/results.md), so the loop says so when it starts."""
+    if not recipe.loop.holdout or recipe.reward.source != "mrm":
+        return None
+    return ("note: loop.holdout is scored with reward.mrm, the reward these iterations learn from, so it cannot see "
+            "what that model gets wrong; judge the iterates by the eval: section on labelled images "
+            "(docs/method.md, \"Which method to use when\").")
+
+
 def lower(now: dict, before: dict, z: float) -> bool:
     """Whether iterate ``now``'s held-out reward is below ``before``'s by more than ``z`` standard errors of the
     paired per-prompt difference (both answered the same prompts). Without per-prompt scores: strictly below.

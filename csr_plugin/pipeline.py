@@ -152,9 +152,11 @@ def run(config_path: str, overrides: list[str] | None = None, on_iteration=None)
     recipe = load_recipe(config_path, overrides)
     preflight(recipe, loop=True)
     if recipe.loop.holdout:
-        from csr_plugin.holdout import check_disjoint
+        from csr_plugin.holdout import check_disjoint, learnt_judge_note
 
         check_disjoint(recipe)
+        if learnt_judge_note(recipe):
+            say(learnt_judge_note(recipe))
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, hallucination, holdout = [], [], []

@@ -10,7 +10,7 @@ import pytest
 
 from csr_plugin import pipeline
 from csr_plugin.config import ConfigError, recipe_from_dict
-from csr_plugin.holdout import check_disjoint, declined, holdout_reward, selected_iterate
+from csr_plugin.holdout import check_disjoint, declined, holdout_reward, learnt_judge_note, selected_iterate
 
 QUESTION_TEXT = "Is there a square in the image?"
 
@@ -94,6 +94,18 @@ def test_held_out_prompts_that_dpo_trains_on_are_refused(tiny_recipe_dict, tmp_p
     held.write_text("")
     with pytest.raises(ConfigError, match="has no usable prompt"):
         check_disjoint(recipe_from_dict(recipe))
+
+
+def test_a_held_out_reward_scored_by_the_learnt_reward_is_flagged(tiny_recipe_dict):
+    """Only the pair loop.holdout + reward.source: mrm is flagged: CLIP judges what DPO learns from CLIP too,
+    but CLIP is not trained on CSR's pairs; without loop.holdout there is nothing to flag."""
+    recipe = copy.deepcopy(tiny_recipe_dict)
+    recipe["loop"] = {"holdout": "held.jsonl"}
+    assert learnt_judge_note(recipe_from_dict(recipe)) is None
+    recipe["reward"] = {"source": "mrm", "mrm": "rm/final"}
+    assert "loop.holdout is scored with reward.mrm" in learnt_judge_note(recipe_from_dict(recipe))
+    recipe["loop"] = {"holdout": ""}
+    assert learnt_judge_note(recipe_from_dict(recipe)) is None
 
 
 def _scripted_loop(monkeypatch, tmp_path, tiny_recipe_dict, rewards, on_decline):

@@ -155,8 +155,8 @@ def run(config_path: str, overrides: list[str] | None = None, on_iteration=None)
         from csr_plugin.holdout import check_disjoint, learnt_judge_note
 
         check_disjoint(recipe)
-        if learnt_judge_note(recipe):
-            say(learnt_judge_note(recipe))
+        if note := learnt_judge_note(recipe):
+            say(note)
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, hallucination, holdout = [], [], []

@@ -168,12 +168,14 @@ def chance_level_warning(info: dict, folder: str) -> Optional[str]:
 
 def load_mrm_visual(recipe: Recipe) -> RewardModelVisual:
     """The reward model of ``reward.mrm`` on ``clip.device`` (the device of the visual term)."""
+    import json
     from pathlib import Path
 
     import torch
 
     from csr_plugin.accelerator import resolve_device
     from csr_plugin.reward_model.model import CONFIG_FILE, load_reward_model
+    from csr_plugin.run_logs import say
 
     folder = Path(recipe.reward.mrm)
     if not (folder / CONFIG_FILE).is_file():
@@ -181,12 +183,7 @@ def load_mrm_visual(recipe: Recipe) -> RewardModelVisual:
                                 "`csr train-rm` wrote (e.g. runs/rm/final), or set reward.source: clip.")
     from transformers import AutoProcessor
 
-    import json
-
-    from csr_plugin.run_logs import say
-
-    warning = chance_level_warning(json.loads((folder / CONFIG_FILE).read_text()), recipe.reward.mrm)
-    if warning:
+    if warning := chance_level_warning(json.loads((folder / CONFIG_FILE).read_text()), recipe.reward.mrm):
         say(warning)
     device = resolve_device(recipe.clip.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
